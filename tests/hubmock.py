@@ -108,8 +108,7 @@ class MockHub:
             self.requests.clear()
 
     def __enter__(self) -> MockHub:
-        handler = type("Handler", (_Handler,), {})
-        self._server = _Server(("127.0.0.1", 0), handler)
+        self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.hub = self
         self.port = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -174,13 +173,13 @@ class MockHub:
         return fpath if fpath.is_file() and fpath.is_relative_to(root) else None
 
     def _handle(self, h: _Handler) -> None:
+        # Logged up front and updated before each write, so the log and counters are complete by the time the
+        # client has the response (no race with a test that reads them right after).
         h.log = {"method": h.command, "path": h.path, "range": h.headers.get("Range"), "status": None,
                  "body_bytes": 0, "auth": h.headers.get("Authorization")}
-        try:
-            self._route(h)
-        finally:
-            with self._lock:
-                self.requests.append(h.log)
+        with self._lock:
+            self.requests.append(h.log)
+        self._route(h)
 
     def _route(self, h: _Handler) -> None:
         url = urlsplit(h.path)
@@ -189,16 +188,16 @@ class MockHub:
             if h.command != "GET":
                 return self._error(h, 405, None, "Method not allowed")
             return self._api(h, unquote(m["repo"]), unquote(m["rev"] or "main"), parse_qs(url.query))
-        if m := _CDN.match(path):
-            if m["sha"] not in self._by_sha:
-                return self._error(h, 404, None, "Not found")
-            repo_id, relpath = self._by_sha[m["sha"]], unquote(m["path"])
-            return self._file(h, repo_id, m["sha"], relpath, cdn=True)
-        if not (m := _RESOLVE.match(path)):
+        cdn = m if (m := _CDN.match(path)) and m["sha"] in self._by_sha else None
+        resolve = None if cdn else _RESOLVE.match(path)
+        if not (cdn or resolve):
             return self._error(h, 404, None, "Not found")
-        repo_id, rev, relpath = unquote(m["repo"]), unquote(m["rev"]), unquote(m["path"])
+        relpath = unquote((cdn or resolve)["path"])
         if (status := self._take(self._fail, relpath)) is not None:
             return self._error(h, status, None, f"Injected failure ({status}) for {relpath}")
+        if cdn:  # the "CDN" URL is pre-authorized, like the Hub's signed URLs
+            return self._file(h, self._by_sha[cdn["sha"]], cdn["sha"], relpath, cdn=True)
+        repo_id, rev = unquote(resolve["repo"]), unquote(resolve["rev"])
         if repo_id not in self.repos:
             return self._error(h, 401, "RepoNotFound", "Repository not found")
         if repo_id in self.gated and h.headers.get("Authorization") != f"Bearer {self.token}":
@@ -240,30 +239,26 @@ class MockHub:
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         length = max(end - start + 1, 0)
         truncate = h.command == "GET" and self._take(self._truncate, relpath) is not None
+        h.log["status"] = status
         h.send_response(status)
         for k, v in headers.items():
             h.send_header(k, v)
         h.send_header("Content-Length", str(length))
         h.end_headers()
-        h.log["status"] = status
         if h.command == "HEAD":
             return
         todo, sent = (length // 2 if truncate else length), 0
-        try:
-            with open(fpath, "rb") as f:
-                f.seek(start)
-                while sent < todo:
-                    chunk = f.read(min(_CHUNK, todo - sent))
-                    if not chunk:
-                        break
+        with open(fpath, "rb") as f:
+            f.seek(start)
+            while sent < todo and (chunk := f.read(min(_CHUNK, todo - sent))):
+                self._count(h, len(chunk))
+                try:
                     h.wfile.write(chunk)
-                    sent += len(chunk)
-        except OSError:  # client went away
-            h.close_connection = True
-        finally:
-            h.log["body_bytes"] = sent
-            with self._lock:
-                self.bytes_served += sent
+                except OSError:  # client went away: uncount the chunk (may have been partly sent)
+                    self._count(h, -len(chunk))
+                    h.close_connection = True
+                    return
+                sent += len(chunk)
         if truncate:
             h.close_connection = True  # the peer sees EOF before Content-Length bytes
 
@@ -299,11 +294,17 @@ class MockHub:
         for k, v in headers.items():
             h.send_header(k, v)
         h.send_header("Content-Length", str(len(body)))
-        h.end_headers()
         h.log["status"] = status
+        if h.command != "HEAD":
+            h.log["body_bytes"] = len(body)
+        h.end_headers()
         if h.command != "HEAD" and body:
             try:
                 h.wfile.write(body)
-                h.log["body_bytes"] = len(body)
             except OSError:
                 h.close_connection = True
+
+    def _count(self, h, n: int) -> None:
+        with self._lock:
+            h.log["body_bytes"] += n
+            self.bytes_served += n

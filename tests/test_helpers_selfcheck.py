@@ -180,6 +180,13 @@ def test_lfs_redirect(ckpt, tmp_path):
         r = get_session().get(url(hub, WEIGHTS, repo=GATED), headers={**auth, "Range": "bytes=3-5"})
         assert r.status_code == 206 and r.content == data[3:6] and len(r.history) == 1
         assert hub.requests[-1]["auth"] is None  # httpx drops Authorization on the cross-origin redirect
+        hub.truncate_next(WEIGHTS)  # faults apply on the CDN URL too
+        hub.fail_next(WEIGHTS, 500)
+        r = get_session().get(url(hub, WEIGHTS, repo=GATED))
+        assert r.status_code == 500 and hub.requests[-1]["path"].startswith("/meta-llama/")
+        with pytest.raises(httpx2.RemoteProtocolError):
+            get_session().get(url(hub, WEIGHTS, repo=GATED), headers=auth)
+        assert hub.requests[-1]["path"].startswith("/cdn/") and hub.requests[-1]["body_bytes"] == len(data) // 2
         p = hf_hub_download(GATED, WEIGHTS, endpoint=hub.url, token=hub.token, cache_dir=tmp_path)
         assert Path(p).read_bytes() == data
 

@@ -54,7 +54,7 @@ def _transport_errors() -> tuple[type[Exception], ...]:
     return (mod.TransportError,)
 
 
-def _explain(e: Exception, repo: str, endpoint: str) -> UserError:
+def _explain(e: Exception, repo: str, endpoint: str, filename: str = "a file") -> UserError:
     """huggingface_hub's exceptions -> one line with the fix."""
     from huggingface_hub import errors as E
 
@@ -71,7 +71,10 @@ def _explain(e: Exception, repo: str, endpoint: str) -> UserError:
             f"{repo}: repository not found or not accessible (gated or private); check the id, set HF_TOKEN, {local}"
         )
     if isinstance(e, E.EntryNotFoundError):
-        return UserError(f"{repo}: a file the checkpoint needs is missing on the Hub ({str(e).splitlines()[0][:160]})")
+        return UserError(
+            f"hf:{repo}: {filename} is missing on the Hub; is it an HF-format safetensors checkpoint? "
+            "(or pass a local path with --source DIR)"
+        )
     if isinstance(e, E.OfflineModeIsEnabled):
         return _offline_error(repo)
     if isinstance(e, E.HfHubHTTPError):
@@ -211,7 +214,7 @@ class HubCheckpoint(Checkpoint):
             try:
                 hf_raise_for_status(r)
             except Exception as e:  # noqa: BLE001
-                raise _explain(e, self.repo, self.endpoint) from None
+                raise _explain(e, self.repo, self.endpoint, filename) from None
             body = r.content
             if r.status_code == 200 and len(body) > want:  # a server that ignores Range: take the slice
                 body = body[start:end]

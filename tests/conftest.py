@@ -1,0 +1,61 @@
+"""Shared test helpers: a hermetic HF environment, generated checkpoints, CLI runners."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+
+# Small but realistic: exact Llama-3.2-1B attention shapes are used where the issue asks for them
+# (Hub byte counts); elsewhere a small GQA config keeps tests fast.
+SMALL = {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 128}
+
+
+def run(args: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a command of this project as a user would, in a subprocess (exit codes, stderr lines)."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.setdefault("PYTHONPATH", str(ROOT))
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def one_line_error(proc_or_text) -> str:
+    """Assert stderr is exactly one 'error: ...' line without a traceback; return it."""
+    text = proc_or_text if isinstance(proc_or_text, str) else proc_or_text.stderr
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in text, text
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"expected one 'error:' line, got:\n{text}"
+    return lines[0]
+
+
+@pytest.fixture
+def hf_env(tmp_path, monkeypatch):
+    """An empty, private Hugging Face home: no cache, no saved token, no endpoint overrides."""
+    import huggingface_hub.constants as C
+
+    home = tmp_path / "hf_home"
+    cache = home / "hub"
+    cache.mkdir(parents=True)
+    for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(C, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(C, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"), raising=False)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def small_hf_dir(tmp_path_factory):
+    """A small HF-format Llama checkpoint (GQA, 2 layers, tokenizer, bf16)."""
+    from checkpoints import make_hf_checkpoint
+
+    return make_hf_checkpoint(tmp_path_factory.mktemp("small_hf") / "tiny-llama", config_overrides=SMALL)
