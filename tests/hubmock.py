@@ -26,6 +26,7 @@ import pathlib
 import re
 import socket
 import socketserver
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -44,8 +45,9 @@ class _Server(ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
-    def handle_error(self, request, client_address):  # clients hanging up mid-response are expected
-        pass
+    def handle_error(self, request, client_address):  # clients hanging up mid-response are expected; bugs are not
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -1,0 +1,37 @@
+"""Per-head attention in a Python loop: the readable version that production code vectorises.
+
+For each query head h: its slice of Wq, the KV head h // g it shares, RoPE, scores, mask, softmax, context;
+then the heads are concatenated and projected by Wo. Same arithmetic as `naive`, one head at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from impl import masks
+from impl.gqa import groups
+from impl.projection import heads, rope_tables
+from impl.rope import apply_half
+
+
+def attention(x, weights, *, config, position_ids, attention_mask=None):
+    H, Hkv, d = heads(config)
+    g = groups(H, Hkv)
+    B, S, _ = x.shape
+    cos, sin = rope_tables(config, position_ids)  # (B, S, rd)
+    allowed = masks.build(S, S, attention_mask, x.device)[:, 0]  # (B|1, S, S)
+
+    def rotate(t):  # (B, S, d) -> rotated (B, S, d), in float32 then back
+        return apply_half(t.float()[:, None], cos, sin)[:, 0].to(x.dtype)
+
+    contexts = []
+    for h in range(H):
+        j = h // g  # the KV head serving query head h
+        q = rotate(x @ weights["q_proj"][h * d : (h + 1) * d].T)  # (B, S, d)
+        k = rotate(x @ weights["k_proj"][j * d : (j + 1) * d].T)  # (B, S, d)
+        v = x @ weights["v_proj"][j * d : (j + 1) * d].T  # (B, S, d)
+        scores = (q @ k.transpose(-2, -1)).float() * d**-0.5  # (B, S, S)
+        probs = masks.masked_softmax(scores, allowed)  # (B, S, S)
+        contexts.append(probs.to(v.dtype) @ v)  # (B, S, d)
+    ctx = torch.cat(contexts, dim=-1)  # (B, S, H*d): heads side by side, as in merge_heads
+    return ctx @ weights["o_proj"].T  # (B, S, D)

@@ -1,0 +1,52 @@
+"""Naive attention: the four stages in plain tensor algebra, materialising the S x S score matrix.
+
+    1. projection   q, k, v = x Wq^T, x Wk^T, x Wv^T; split into heads; rotate q and k (RoPE)
+    2. scores       q k^T / sqrt(d)                  (each query head against its group's KV head)
+    3. mask/softmax causal + padding, softmax in float32 whatever the input dtype
+    4. aggregation  probabilities @ v, merge heads, output projection
+
+Memory: O(B * H * Sq * Sk) for the scores. `return_intermediates=True` also returns every stage's tensor, so the
+harness can compare stage by stage with transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from impl import masks
+from impl.gqa import groups, repeat_kv
+from impl.projection import heads, output, project_qkv
+
+
+def core(q, k, v, attention_mask=None, *, stages=None):
+    """q (B, H, Sq, d), k/v (B, Hkv, Sk, d) -> context (B, H, Sq, d). Causal (bottom-right) + padding."""
+    H, Hkv, d = q.shape[1], k.shape[1], q.shape[-1]
+    g = groups(H, Hkv)
+    k, v = repeat_kv(k, g), repeat_kv(v, g)  # (B, H, Sk, d): KV head j -> query heads j*g .. j*g+g-1
+
+    # 2. scores
+    scores = (q @ k.transpose(-2, -1)).float() * d**-0.5  # (B, H, Sq, Sk), float32
+
+    # 3. mask and softmax (float32)
+    allowed = masks.build(q.shape[2], k.shape[2], attention_mask, q.device)  # (B|1, 1, Sq, Sk)
+    probs = masks.masked_softmax(scores, allowed)  # (B, H, Sq, Sk)
+
+    # 4. aggregation: weighted sum of values
+    ctx = probs.to(v.dtype) @ v  # (B, H, Sq, d)
+    if stages is not None:
+        stages.update(scores=scores, probs=probs, context=ctx)
+    return ctx
+
+
+def attention(x, weights, *, config, position_ids, attention_mask=None, return_intermediates=False):
+    """The plug-in contract: x (B, S, D) -> (B, S, D). See impl/__init__.py."""
+    groups(*heads(config)[:2])  # H % Hkv != 0 is an error before any work
+
+    # 1. projection, head split, RoPE
+    q, k, v = project_qkv(x, weights, config, position_ids)  # (B, H, S, d), (B, Hkv, S, d) x2
+
+    stages = {"q": q, "k": k, "v": v} if return_intermediates else None
+    ctx = core(q, k, v, attention_mask, stages=stages)
+
+    out = output(ctx, weights)  # (B, S, D): merge heads, o_proj
+    return (out, stages) if return_intermediates else out
