@@ -16,6 +16,7 @@ import torch
 
 from harness.errors import Parser, UserError, run_cli
 from harness.fixture import FIXTURES_DIR, WEIGHT_NAMES, reference_inv_freq, write_fixture
+from harness.reference import Reference, additive_mask, hf_config
 from harness.sources import Checkpoint, open_source
 
 DEFAULT_SOURCE = "hf:meta-llama/Llama-3.2-1B"
@@ -23,21 +24,6 @@ DEFAULT_PROMPT = (
     "The capital of France is Paris. The Eiffel Tower was built for the 1889 World's Fair "
     "and stands about 330 metres tall; millions of people visit it every year."
 )
-
-
-def hf_config(config: dict):
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig.from_dict(config)
-    cfg._attn_implementation = "eager"  # the reference: plain matmul-softmax-matmul
-    return cfg
-
-
-def causal_mask(S: int) -> torch.Tensor:
-    """Additive causal mask [1, 1, S, S] in HF's convention (0 keep, finfo.min drop). Always explicit:
-    HF eager attention with attention_mask=None is NOT causal."""
-    m = torch.full((S, S), torch.finfo(torch.float32).min).triu(1)
-    return m[None, None]  # (1, 1, S, S)
 
 
 def layer_input(ckpt: Checkpoint, layer: int, ids: torch.Tensor) -> torch.Tensor:
@@ -50,7 +36,7 @@ def layer_input(ckpt: Checkpoint, layer: int, ids: torch.Tensor) -> torch.Tensor
         pos = torch.arange(ids.shape[1])[None]  # (1, S)
         rope = LlamaRotaryEmbedding(cfg)
         pe = rope(h, pos)
-        mask = causal_mask(ids.shape[1])
+        mask = additive_mask(ids.shape[1], ids.shape[1])
         for i in range(layer):
             block = LlamaDecoderLayer(cfg, i).float()
             prefix = f"model.layers.{i}."
@@ -66,20 +52,9 @@ def layer_input(ckpt: Checkpoint, layer: int, ids: torch.Tensor) -> torch.Tensor
 
 
 def hf_self_attn(config: dict, layer: int, weights: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
-    """HF's LlamaAttention (eager, fp32, explicit causal mask) on `hidden` [1, S, hidden]."""
-    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
-
-    cfg = hf_config(config)
-    attn = LlamaAttention(cfg, layer).float()
-    attn.load_state_dict({f"{n}.weight": weights[n].float() for n in WEIGHT_NAMES})
+    """HF's LlamaAttention (eager, fp32, explicit causal mask) on `hidden` [1, S, hidden]: the golden output."""
     pos = torch.arange(hidden.shape[1])[None]  # (1, S)
-    with torch.no_grad():
-        out, _ = attn(
-            hidden,
-            position_embeddings=LlamaRotaryEmbedding(cfg)(hidden, pos),
-            attention_mask=causal_mask(hidden.shape[1]),
-        )
-    return out
+    return Reference(config, weights, layer=layer)(hidden, pos)
 
 
 def versions() -> dict:

@@ -11,8 +11,6 @@ harness can compare stage by stage with transformers.
 
 from __future__ import annotations
 
-import torch
-
 from impl import masks
 from impl.gqa import groups, repeat_kv
 from impl.projection import heads, output, project_qkv

@@ -7,7 +7,6 @@ backend supports it; otherwise K/V are repeated as transformers does.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -32,7 +31,7 @@ def core(q, k, v, attention_mask=None, *, order=ORDER):
         kw = {"attn_mask": allowed}
     errors = []
     for backend in order:
-        for gqa in ((True, False) if g > 1 else (False,)):
+        for gqa in (True, False) if g > 1 else (False,):
             kk, vv = (k, v) if gqa or g == 1 else (repeat_kv(k, g), repeat_kv(v, g))
             try:
                 with sdpa_kernel([backend]):

@@ -94,14 +94,18 @@ def _hf_tensors(cfg: dict, seed: int, dtype: torch.dtype) -> dict[str, torch.Ten
     hidden, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     q_out = cfg["num_attention_heads"] * cfg["head_dim"]
     kv_out = cfg["num_key_value_heads"] * cfg["head_dim"]
-    tensors = {"model.embed_tokens.weight": _randn((vocab, hidden), seed, "model.embed_tokens.weight", 0.02,
-                                                   dtype=dtype)}
+    tensors = {
+        "model.embed_tokens.weight": _randn((vocab, hidden), seed, "model.embed_tokens.weight", 0.02, dtype=dtype)
+    }
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         shapes = {
-            "self_attn.q_proj.weight": (q_out, hidden), "self_attn.k_proj.weight": (kv_out, hidden),
-            "self_attn.v_proj.weight": (kv_out, hidden), "self_attn.o_proj.weight": (hidden, q_out),
-            "mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
+            "self_attn.q_proj.weight": (q_out, hidden),
+            "self_attn.k_proj.weight": (kv_out, hidden),
+            "self_attn.v_proj.weight": (kv_out, hidden),
+            "self_attn.o_proj.weight": (hidden, q_out),
+            "mlp.gate_proj.weight": (inter, hidden),
+            "mlp.up_proj.weight": (inter, hidden),
             "mlp.down_proj.weight": (hidden, inter),
         }
         for norm in ("input_layernorm.weight", "post_attention_layernorm.weight"):
@@ -110,8 +114,9 @@ def _hf_tensors(cfg: dict, seed: int, dtype: torch.dtype) -> dict[str, torch.Ten
             tensors[p + name] = _randn(shape, seed, p + name, 1.0 / math.sqrt(shape[1]), dtype=dtype)
     tensors["model.norm.weight"] = _randn((hidden,), seed, "model.norm.weight", 0.1, mean=1.0, dtype=dtype)
     if not cfg.get("tie_word_embeddings", True):
-        tensors["lm_head.weight"] = _randn((vocab, hidden), seed, "lm_head.weight", 1.0 / math.sqrt(hidden),
-                                           dtype=dtype)
+        tensors["lm_head.weight"] = _randn(
+            (vocab, hidden), seed, "lm_head.weight", 1.0 / math.sqrt(hidden), dtype=dtype
+        )
     return tensors
 
 
@@ -125,20 +130,30 @@ def _write_tokenizer(out: Path, vocab_size: int) -> tuple[int, int]:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=min(vocab_size, 4096) - 2, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(vocab_size, 4096) - 2, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator([" ".join(_CORPUS.split())], trainer)
     tok.add_special_tokens([BOS_TOKEN, EOS_TOKEN])
     bos, eos = tok.token_to_id(BOS_TOKEN), tok.token_to_id(EOS_TOKEN)
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN}:1 $B:1", special_tokens=[(BOS_TOKEN, bos)])
+        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN}:1 $B:1", special_tokens=[(BOS_TOKEN, bos)]
+    )
     assert eos < vocab_size
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN).save_pretrained(out)
     return bos, eos
 
 
-def make_hf_checkpoint(out: Path, *, num_layers: int = 2, vocab_size: int = 512, dtype: torch.dtype = torch.bfloat16,
-                       sharded: bool | int = False, seed: int = 0, config_overrides: dict | None = None) -> Path:
+def make_hf_checkpoint(
+    out: Path,
+    *,
+    num_layers: int = 2,
+    vocab_size: int = 512,
+    dtype: torch.dtype = torch.bfloat16,
+    sharded: bool | int = False,
+    seed: int = 0,
+    config_overrides: dict | None = None,
+) -> Path:
     """Write an HF-format Llama checkpoint (config.json, tokenizer, safetensors) into `out`; returns `out`.
 
     The config is LLAMA_3_2_1B_CONFIG with num_hidden_layers / vocab_size / torch_dtype replaced, then
@@ -181,8 +196,10 @@ def make_hf_checkpoint(out: Path, *, num_layers: int = 2, vocab_size: int = 512,
         fname = f"model-{k + 1:05d}-of-{n_shards:05d}.safetensors"
         save_file(shard, str(out / fname), metadata=meta)
         weight_map.update({name: fname for name in shard})
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-             "weight_map": dict(sorted(weight_map.items()))}
+    index = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return out
 
@@ -193,8 +210,9 @@ def load_hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
 
     hf_dir = Path(hf_dir)
     index = hf_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
-        "model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
     tensors = {}
     for f in files:
         tensors.update(load_file(str(hf_dir / f)))
@@ -270,8 +288,13 @@ def hf_to_meta(hf_dir: Path, out: Path) -> Path:
     sd["output.weight"] = hf.get("lm_head.weight", hf["model.embed_tokens.weight"]).clone()
 
     mult, multiple_of = _ffn_params(dim, cfg["intermediate_size"])
-    params = {"dim": dim, "n_layers": cfg["num_hidden_layers"], "n_heads": n_heads, "n_kv_heads": n_kv,
-              "vocab_size": cfg["vocab_size"]}
+    params = {
+        "dim": dim,
+        "n_layers": cfg["num_hidden_layers"],
+        "n_heads": n_heads,
+        "n_kv_heads": n_kv,
+        "vocab_size": cfg["vocab_size"],
+    }
     if mult is not None:
         params["ffn_dim_multiplier"] = mult
     params.update(multiple_of=multiple_of, norm_eps=cfg["rms_norm_eps"], rope_theta=cfg["rope_theta"])

@@ -14,7 +14,13 @@ FIXTURES = ROOT / "fixtures"
 
 # Small but realistic: exact Llama-3.2-1B attention shapes are used where the issue asks for them
 # (Hub byte counts); elsewhere a small GQA config keeps tests fast.
-SMALL = {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 128}
+SMALL = {
+    "hidden_size": 256,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "intermediate_size": 128,
+}
 
 
 def run(args: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -74,8 +74,14 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class MockHub:
-    def __init__(self, repos: dict[str, pathlib.Path], *, gated=frozenset(), token: str = "hf_test_token",
-                 lfs_redirect: bool = False):
+    def __init__(
+        self,
+        repos: dict[str, pathlib.Path],
+        *,
+        gated=frozenset(),
+        token: str = "hf_test_token",
+        lfs_redirect: bool = False,
+    ):
         self.repos = {repo_id: pathlib.Path(d).resolve() for repo_id, d in repos.items()}
         self.gated, self.token, self.lfs_redirect = set(gated), token, lfs_redirect
         self.url, self.port = "", 0
@@ -114,8 +120,9 @@ class MockHub:
         self._server.hub = self
         self.port = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="MockHub", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="MockHub", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -177,8 +184,14 @@ class MockHub:
     def _handle(self, h: _Handler) -> None:
         # Logged up front and updated before each write, so the log and counters are complete by the time the
         # client has the response (no race with a test that reads them right after).
-        h.log = {"method": h.command, "path": h.path, "range": h.headers.get("Range"), "status": None,
-                 "body_bytes": 0, "auth": h.headers.get("Authorization")}
+        h.log = {
+            "method": h.command,
+            "path": h.path,
+            "range": h.headers.get("Range"),
+            "status": None,
+            "body_bytes": 0,
+            "auth": h.headers.get("Authorization"),
+        }
         with self._lock:
             self.requests.append(h.log)
         self._route(h)
@@ -204,11 +217,15 @@ class MockHub:
             return self._error(h, 401, "RepoNotFound", "Repository not found")
         if repo_id in self.gated and h.headers.get("Authorization") != f"Bearer {self.token}":
             if h.headers.get("Authorization") is None:
-                msg = (f"Access to model {repo_id} is restricted. You must have access to it and be authenticated "
-                       "to access it. Please log in.")
+                msg = (
+                    f"Access to model {repo_id} is restricted. You must have access to it and be authenticated "
+                    "to access it. Please log in."
+                )
                 return self._error(h, 401, "GatedRepo", msg)
-            msg = (f"Access to model {repo_id} is restricted and you are not in the authorized list. "
-                   f"Visit https://huggingface.co/{repo_id} to ask for access.")
+            msg = (
+                f"Access to model {repo_id} is restricted and you are not in the authorized list. "
+                f"Visit https://huggingface.co/{repo_id} to ask for access."
+            )
             return self._error(h, 403, "GatedRepo", msg)
         sha = self.commit(repo_id)
         if rev not in ("main", sha):
@@ -221,8 +238,12 @@ class MockHub:
             return self._error(h, 404, "EntryNotFound", "Entry not found", {"X-Repo-Commit": sha})
         info = self._file_info(fpath, relpath)
         size = info["size"]
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{info["etag"]}"', "Accept-Ranges": "bytes",
-                   "Content-Type": "application/octet-stream"}
+        headers = {
+            "X-Repo-Commit": sha,
+            "ETag": f'"{info["etag"]}"',
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+        }
         if info["lfs"]:
             headers.update({"X-Linked-Etag": f'"{info["etag"]}"', "X-Linked-Size": str(size)})
             if self.lfs_redirect and not cdn:
@@ -280,9 +301,18 @@ class MockHub:
                 if info["lfs"]:
                     sib["lfs"] = {"size": info["size"], "sha256": info["etag"], "pointerSize": info["pointer_size"]}
             siblings.append(sib)
-        body = {"_id": sha[:24], "id": repo_id, "modelId": repo_id, "author": repo_id.split("/")[0], "sha": sha,
-                "private": False, "gated": "manual" if repo_id in self.gated else False, "disabled": False,
-                "tags": [], "siblings": siblings}
+        body = {
+            "_id": sha[:24],
+            "id": repo_id,
+            "modelId": repo_id,
+            "author": repo_id.split("/")[0],
+            "sha": sha,
+            "private": False,
+            "gated": "manual" if repo_id in self.gated else False,
+            "disabled": False,
+            "tags": [],
+            "siblings": siblings,
+        }
         self._reply(h, 200, {"Content-Type": "application/json"}, json.dumps(body).encode())
 
     def _error(self, h, status: int, code: str | None, message: str, extra: dict | None = None) -> None:

@@ -11,7 +11,8 @@ from conftest import FIXTURES, SMALL, one_line_error, run
 
 from harness import fixture as fx
 from harness.errors import UserError
-from harness.extract import causal_mask, extract, hf_config
+from harness.extract import extract
+from harness.reference import additive_mask, hf_config
 
 QUIET = {"log": lambda *_: None}
 
@@ -172,7 +173,7 @@ def test_golden_uses_an_explicit_causal_mask(tmp_path, small_hf_dir):
     h[:, -1] += 1.0
     out = hf_self_attn(f.config, 0, f.weights, h)
     torch.testing.assert_close(out[:, :-1], f.inputs["golden"][:, :-1], rtol=0, atol=1e-6)
-    assert causal_mask(3)[0, 0, 0, 1] < -1e30
+    assert additive_mask(3, 3)[0, 0, 0, 1] < -1e30
 
 
 @pytest.mark.parametrize(

@@ -167,7 +167,10 @@ def test_truncate_next(hub, ckpt, tmp_path):
     p = hf_hub_download(REPO, WEIGHTS, endpoint=hub.url, token=False, cache_dir=tmp_path)
     assert Path(p).read_bytes() == data
     assert [(q["method"], q["status"], q["body_bytes"]) for q in hub.requests] == [
-        ("HEAD", 200, 0), ("GET", 200, len(data) // 2), ("GET", 200, len(data))]
+        ("HEAD", 200, 0),
+        ("GET", 200, len(data) // 2),
+        ("GET", 200, len(data)),
+    ]
 
 
 def test_lfs_redirect(ckpt, tmp_path):
@@ -205,15 +208,23 @@ def test_checkpoint_layout(ckpt, tmp_path):
 
     d = make_hf_checkpoint(tmp_path / "full", config_overrides={"intermediate_size": 256})
     cfg = json.loads((d / "config.json").read_text())
-    assert {k: v for k, v in cfg.items() if k not in ("num_hidden_layers", "vocab_size", "intermediate_size",
-                                                     "bos_token_id", "eos_token_id")} == {
-        k: v for k, v in LLAMA_3_2_1B_CONFIG.items() if k not in ("num_hidden_layers", "vocab_size",
-                                                                 "intermediate_size", "bos_token_id", "eos_token_id")}
+    assert {
+        k: v
+        for k, v in cfg.items()
+        if k not in ("num_hidden_layers", "vocab_size", "intermediate_size", "bos_token_id", "eos_token_id")
+    } == {
+        k: v
+        for k, v in LLAMA_3_2_1B_CONFIG.items()
+        if k not in ("num_hidden_layers", "vocab_size", "intermediate_size", "bos_token_id", "eos_token_id")
+    }
     with safe_open(str(d / "model.safetensors"), "pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     assert shapes["model.layers.1.self_attn.q_proj.weight"] == (2048, 2048)
-    assert shapes["model.layers.1.self_attn.k_proj.weight"] == shapes["model.layers.0.self_attn.v_proj.weight"] == (
-        512, 2048)
+    assert (
+        shapes["model.layers.1.self_attn.k_proj.weight"]
+        == shapes["model.layers.0.self_attn.v_proj.weight"]
+        == (512, 2048)
+    )
     assert shapes["model.layers.0.self_attn.o_proj.weight"] == (2048, 2048)
     assert shapes["model.layers.0.mlp.down_proj.weight"] == (2048, 256)
     assert shapes["model.embed_tokens.weight"] == (512, 2048) and len(shapes) == 2 + 2 * 9

@@ -21,7 +21,9 @@ def llama_dir(tmp_path_factory):
     """Llama-3.2-1B's tensor names and exact attention shapes (2 layers, small vocab, small MLP), bf16."""
     from checkpoints import make_hf_checkpoint
 
-    return make_hf_checkpoint(tmp_path_factory.mktemp("hub") / "Llama-3.2-1B", config_overrides={"intermediate_size": 256})
+    return make_hf_checkpoint(
+        tmp_path_factory.mktemp("hub") / "Llama-3.2-1B", config_overrides={"intermediate_size": 256}
+    )
 
 
 @pytest.fixture
@@ -74,8 +76,17 @@ def test_happy_path_reads_only_the_layer(tmp_path, hub, llama_dir):
 def test_sharded_repo_over_the_hub(tmp_path, hf_env, monkeypatch):
     from checkpoints import make_hf_checkpoint
 
-    d = make_hf_checkpoint(tmp_path / "sharded", config_overrides={"hidden_size": 256, "num_attention_heads": 4,
-                           "num_key_value_heads": 2, "intermediate_size": 128}, num_layers=3, sharded=True)
+    d = make_hf_checkpoint(
+        tmp_path / "sharded",
+        config_overrides={
+            "hidden_size": 256,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 128,
+        },
+        num_layers=3,
+        sharded=True,
+    )
     with MockHub({"org/sharded": d}) as h:
         monkeypatch.setenv("HF_ENDPOINT", h.url)
         out = extract("hf:org/sharded", layer=2, out=tmp_path / "fx", **QUIET)
@@ -152,8 +163,15 @@ def test_always_truncated_fails_and_keeps_old_fixture(tmp_path, hub, capsys):
 def test_corrupt_header(tmp_path, hf_env, monkeypatch, capsys, corrupt):
     from checkpoints import make_hf_checkpoint
 
-    d = make_hf_checkpoint(tmp_path / "bad", config_overrides={"hidden_size": 256, "num_attention_heads": 4,
-                           "num_key_value_heads": 2, "intermediate_size": 128})
+    d = make_hf_checkpoint(
+        tmp_path / "bad",
+        config_overrides={
+            "hidden_size": 256,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 128,
+        },
+    )
     raw = bytearray((d / "model.safetensors").read_bytes())
     if corrupt == "length":
         raw[:8] = struct.pack("<Q", 1 << 60)

@@ -1,0 +1,59 @@
+"""The reference: transformers' own LlamaAttention and LlamaRotaryEmbedding, built from a config and weights.
+
+Masks are always explicit 4-D additive masks (0 keep, finfo.min drop): transformers' eager attention with
+attention_mask=None is NOT causal. The causal part is bottom-right aligned (queries are the last Sq of Sk keys),
+padding follows the tokenizer's convention (attention_mask [B, Sk], 1 = token, 0 = padding).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def hf_config(config: dict, attn_implementation: str = "eager"):
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig.from_dict(config)
+    cfg._attn_implementation = attn_implementation
+    return cfg
+
+
+def additive_mask(Sq: int, Sk: int, attention_mask: torch.Tensor | None = None, B: int = 1, dtype=torch.float32):
+    """[B, 1, Sq, Sk] additive mask: causal (bottom-right) plus padding, in HF's convention."""
+    i = torch.arange(Sq)[:, None] + (Sk - Sq)  # (Sq, 1)
+    keep = (torch.arange(Sk)[None, :] <= i)[None, None]  # (1, 1, Sq, Sk)
+    if attention_mask is not None:
+        keep = keep & attention_mask.bool()[:, None, None, :]  # (B, 1, Sq, Sk)
+    keep = keep.expand(max(B, keep.shape[0]), 1, Sq, Sk)
+    return torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+class Reference:
+    """HF's self_attn for one layer: call it like the plug-in contract (x, position_ids, attention_mask)."""
+
+    def __init__(
+        self,
+        config: dict,
+        weights: dict[str, torch.Tensor],
+        *,
+        layer: int = 0,
+        dtype=torch.float32,
+        attn_implementation: str = "eager",
+    ):
+        from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+
+        self.cfg = hf_config(config, attn_implementation)
+        self.dtype = dtype
+        self.attn = LlamaAttention(self.cfg, layer).to(dtype).eval()
+        self.attn.load_state_dict({f"{n}.weight": w.to(dtype) for n, w in weights.items() if n.endswith("_proj")})
+        self.rope = LlamaRotaryEmbedding(self.cfg)
+
+    @torch.no_grad()
+    def __call__(self, x, position_ids, attention_mask=None, past_key_values=None):
+        x = x.to(self.dtype)
+        B, S, _ = x.shape
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        mask = additive_mask(S, past + S, attention_mask, B, self.dtype)
+        cos_sin = self.rope(x, position_ids)
+        out, _ = self.attn(x, position_embeddings=cos_sin, attention_mask=mask, past_key_values=past_key_values)
+        return out
