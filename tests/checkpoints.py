@@ -248,7 +248,8 @@ def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """HF half-split RoPE row order -> Meta's interleaved order.
 
     Inverse of transformers' convert_llama_weights_to_hf.py
-    ``permute(w, n_heads, dim1, dim2) = w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)``
+    ``permute(w, n_heads, dim1, dim2) =
+    w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)``
     i.e. ``w.view(n_heads, 2, dim1 // n_heads // 2, dim2).transpose(1, 2).reshape(dim1, dim2)``.
     Used with n_heads = num_attention_heads for wq and num_key_value_heads for wk.
     """

@@ -50,7 +50,7 @@ def test_heads_not_divisible_is_a_clear_error():
         "v_proj": torch.randn(32, 64),
         "o_proj": torch.randn(64, 48),
     }
-    for name, fn in IMPLEMENTATIONS.items():
+    for fn in IMPLEMENTATIONS.values():
         with pytest.raises(ValueError, match="not a multiple"):
             fn(torch.randn(1, 4, 64), w, config=config, position_ids=torch.arange(4)[None])
 
