@@ -12,10 +12,10 @@ PYTEST_ARGS ?=
 STAMP      := $(VENV)/.setup-done
 SYNTH      := fixtures/llama-3.2-1b-synthetic/manifest.json
 
-.PHONY: setup test test-fast extract synthetic lint clean help
+.PHONY: setup verify verify-quick test test-fast extract synthetic lint clean help
 
 help:
-	@echo "make verify | test | test-fast | extract [SOURCE=...] [LAYER=N] | lint | clean"
+	@echo "make verify | verify-quick | test | test-fast | extract [SOURCE=...] [LAYER=N] | lint | clean"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ $(SYNTH): fixtures/llama-3.2-1b/config.json | $(STAMP)
 	$(PY) scripts/extract.py --synthetic --config fixtures/llama-3.2-1b/config.json --force
 
 synthetic: $(SYNTH)
+
+# The main job: every built-in on every fixture, against transformers' LlamaAttention. VERIFY_ARGS adds options,
+# e.g. make verify VERIFY_ARGS="--impl mypkg.attn:forward --json out.json"
+verify: $(STAMP) $(SYNTH)
+	$(PY) -m harness verify $(VERIFY_ARGS)
+
+verify-quick: $(STAMP) $(SYNTH)
+	$(PY) -m harness verify --quick $(VERIFY_ARGS)
 
 # pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
 test: $(STAMP) $(SYNTH)

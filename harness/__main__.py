@@ -1,4 +1,4 @@
-"""python -m harness COMMAND: fixture (inspect and verify a fixture); more commands come with the harness."""
+"""python -m harness COMMAND: verify (the main job), list, fixture (inspect and verify one fixture)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,46 @@ def cmd_fixture(argv) -> int:
     return 0
 
 
-COMMANDS = {"fixture": cmd_fixture}
+def cmd_verify(argv) -> int:
+    from harness.verify import main
+
+    return main(argv)
+
+
+def cmd_list(argv) -> int:
+    import json
+
+    from harness.fixture import list_fixtures, load_fixture
+    from harness.scenarios import SCENARIOS
+    from impl import IMPLEMENTATIONS
+
+    p = Parser(prog="python -m harness list", description="Fixtures, implementations and scenarios.")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    fixtures = []
+    for path in list_fixtures():
+        f = load_fixture(path, verify=False)
+        fixtures.append({"name": f.name, "synthetic": f.synthetic, "layer": f.layer, "model": f.manifest.get("model")})
+    scen = [
+        {"name": s.name, "dtype": str(s.dtype).removeprefix("torch."), "quick": s.quick, "isolates": s.isolates}
+        for s in SCENARIOS
+    ]
+    if a.json:
+        print(json.dumps({"fixtures": fixtures, "implementations": list(IMPLEMENTATIONS), "scenarios": scen}, indent=1))
+        return 0
+    print("fixtures:")
+    for f in fixtures:
+        print(
+            f"  {f['name']:26s} {'synthetic' if f['synthetic'] else 'real'} weights, layer {f['layer']}, {f['model']}"
+        )
+    print("implementations:\n  " + ", ".join(IMPLEMENTATIONS))
+    print("scenarios:")
+    for s in scen:
+        print(f"  {s['name']:17s} {s['dtype']:8s} {'quick' if s['quick'] else 'full '}  {s['isolates']}")
+    return 0
+
+
+COMMANDS = {"fixture": cmd_fixture, "verify": cmd_verify, "list": cmd_list}
 
 
 def main(argv=None) -> int:

@@ -57,3 +57,31 @@ class Reference:
         cos_sin = self.rope(x, position_ids)
         out, _ = self.attn(x, position_embeddings=cos_sin, attention_mask=mask, past_key_values=past_key_values)
         return out
+
+
+def float64_tables(config: dict, position_ids: torch.Tensor):
+    """cos, sin in float64 from float64 frequencies: the exact math of the config, for the float64 reference.
+
+    transformers' rope init functions only produce float32; impl.rope reproduces them bit for bit in float32
+    (tested) and evaluates the same formulas in float64 here.
+    """
+    from impl.rope import cos_sin, inv_freq
+
+    inv, scaling = inv_freq(config, seq_len=int(position_ids.max()) + 1, dtype=torch.float64)
+    return cos_sin(inv, position_ids, scaling, dtype=torch.float64)
+
+
+class Reference64(Reference):
+    """HF's LlamaAttention in float64 with float64 RoPE tables: the yardstick for HF and the implementation."""
+
+    def __init__(self, config: dict, weights: dict[str, torch.Tensor], *, layer: int = 0):
+        super().__init__(config, weights, layer=layer, dtype=torch.float64)
+        self.config = config
+
+    @torch.no_grad()
+    def __call__(self, x, position_ids, attention_mask=None, past_key_values=None):
+        x = x.to(torch.float64)
+        B, S, _ = x.shape
+        mask = additive_mask(S, S, attention_mask, B, torch.float64)
+        out, _ = self.attn(x, position_embeddings=float64_tables(self.config, position_ids), attention_mask=mask)
+        return out

@@ -1,0 +1,118 @@
+"""The scenario matrix: identical inputs for the implementation and the reference, each isolating something.
+
+Every scenario is deterministic (seeded) and builds (x, position_ids, attention_mask) for a fixture. Masks are
+always explicit (the reference is run with an explicit causal + padding mask).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from harness.fixture import Fixture
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    isolates: str  # what a failure here (and a pass elsewhere) points at
+    build: Callable[[Fixture, torch.dtype], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+    dtype: torch.dtype = torch.float32
+    quick: bool = True  # part of --quick
+    probe: bool = False  # used by the diagnosis (reported, but named as a probe)
+
+
+def hidden(f: Fixture, B: int, S: int, seed: int, scale: float = 1.0) -> torch.Tensor:
+    """Inputs with the statistics of a layer's input: RMS-normalised Gaussian rows, a few outlier channels
+    (taken from the fixture's real prompt input when it has one)."""
+    D = f.config["hidden_size"]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, S, D, generator=g)
+    if f.inputs is not None:  # borrow the real per-channel scale (outlier channels included)
+        x = x * f.inputs["hidden_states"][0].std(dim=0).clamp(min=1e-3)
+    return x * scale
+
+
+def contiguous(B: int, S: int) -> torch.Tensor:
+    return torch.arange(S).expand(B, S)  # (B, S)
+
+
+def _simple(S: int, seed: int, scale: float = 1.0):
+    return lambda f, dt: (hidden(f, 1, S, seed, scale).to(dt), contiguous(1, S), None)
+
+
+def _left_padding(f, dt):
+    """Batch 3: no padding, 12 padding tokens, and a row that is all padding but its last token."""
+    B, S = 3, 48
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[1, :12] = 0
+    mask[2, :-1] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens, as generate() does
+    return hidden(f, B, S, 11).to(dt), pos, mask
+
+
+def _packed(f, dt):
+    """Packed documents: positions restart at 0 (the mask stays causal over the whole row)."""
+    pos = torch.cat([torch.arange(40), torch.arange(24), torch.arange(32)])[None]
+    return hidden(f, 1, pos.shape[1], 12).to(dt), pos, None
+
+
+def _sparse(f, dt):
+    """Sorted random positions over the whole context: unequal, long distances (a constant offset would
+    change nothing, RoPE being relative); this is where frequency bugs show."""
+    S, top = 96, int(f.config.get("max_position_embeddings", 131072))
+    g = torch.Generator().manual_seed(13)
+    pos = torch.sort(torch.randperm(top, generator=g)[:S]).values[None]
+    pos[0, 0] = 0
+    return hidden(f, 1, S, 13).to(dt), pos, None
+
+
+def _prompt(f, dt):
+    x = f.inputs["hidden_states"]
+    return x.to(dt), contiguous(1, x.shape[1]), None
+
+
+def _zero_positions(f, dt):
+    """Every position 0: RoPE becomes the identity, so only non-RoPE stages can differ."""
+    S = 24
+    return hidden(f, 1, S, 14).to(dt), torch.zeros(1, S, dtype=torch.long), None
+
+
+SCENARIOS: list[Scenario] = [
+    Scenario(
+        "one_token",
+        "projections, head layout, GQA mapping, o_proj (a single token attends only to itself)",
+        _simple(1, 1),
+    ),
+    Scenario("short", "the whole layer on 16 tokens", _simple(16, 2)),
+    Scenario(
+        "len_257", "a length that is not a multiple of any block (tiling remainder)", _simple(257, 3), quick=False
+    ),
+    Scenario("len_1000", "a longer non-multiple length", _simple(1000, 4), quick=False),
+    Scenario("long_2048", "a long sequence (float32 accumulation over 2048 keys)", _simple(2048, 5), quick=False),
+    Scenario("left_padding", "padding mask: batch 3, left padding, a row almost all padding", _left_padding),
+    Scenario("packed", "restarting positions (packed documents)", _packed, quick=False),
+    Scenario("sparse_positions", "RoPE frequencies: unequal long distances over the whole context", _sparse),
+    Scenario("prompt", "the fixture's real prompt input", _prompt),
+    Scenario("scaled_x50", "softmax stability: inputs x50, scores in the thousands", _simple(64, 6, 50.0), quick=False),
+    Scenario("bfloat16", "half precision (bf16): float32 softmax and accumulation", _simple(32, 7), torch.bfloat16),
+    Scenario("float16", "half precision (fp16)", _simple(32, 8), torch.float16, quick=False),
+    Scenario("zero_positions", "probe: RoPE off (all positions 0)", _zero_positions, probe=True),
+]
+
+BY_NAME = {s.name: s for s in SCENARIOS}
+
+
+def select(fixture: Fixture, dtypes: set[torch.dtype], quick: bool) -> list[Scenario]:
+    out = []
+    for s in SCENARIOS:
+        if s.dtype not in dtypes or (quick and not s.quick):
+            continue
+        if s.name == "prompt" and fixture.inputs is None:
+            continue
+        if s.name == "long_2048" and fixture.config["hidden_size"] < 1024:
+            continue  # long runs on the Llama shapes; smaller models get len_1000
+        out.append(s)
+    return out

@@ -1,0 +1,191 @@
+"""The harness: the built-ins pass the full matrix (this is CI's gate on attention changes), broken
+implementations fail with the right stage, and the CLI keeps its interface (exit codes, JSON, determinism)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+
+import pytest
+import torch
+from conftest import FIXTURES, one_line_error, run
+from plugins.broken import EXPECTED
+
+from harness.verify import resolve_fixtures, resolve_impl, verify
+from impl import IMPLEMENTATIONS
+
+ALL_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
+QUIET = {"log": lambda *_: None}
+
+
+@pytest.fixture(scope="module")
+def refs():
+    return {}  # HF references per (fixture, scenario), shared by the tests of this module
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
+def test_builtin_passes_full_matrix(impl, refs):
+    rows, verdicts = verify(resolve_fixtures(None), [resolve_impl(impl)], ALL_DTYPES, quick=False, cache=refs, **QUIET)
+    failed = [(r.fixture, r.scenario, r.dtype, r.max_abs_err) for r in rows if not r.passed]
+    assert not failed, failed
+    assert {r.fixture for r in rows} >= {"smollm2-135m", "llama-3.2-1b-synthetic"}
+    scen = {r.scenario for r in rows if r.impl == impl}
+    assert {"one_token", "len_257", "left_padding", "sparse_positions", "scaled_x50", "bfloat16", "float16"} <= scen
+    assert all(v["passed"] and v["stage"] is None for v in verdicts)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_broken_implementation_names_its_stage(name, refs):
+    fn, stage, fixture = EXPECTED[name]
+    rows, verdicts = verify(resolve_fixtures([fixture]), [(name, fn)], ALL_DTYPES, quick=True, cache=refs, **QUIET)
+    assert any(not r.passed for r in rows if r.impl == name)
+    (v,) = verdicts
+    assert not v["passed"] and v["stage"] == stage, v
+    assert v["hint"]
+
+
+CORRECT_PLUGIN = """
+import torch, torch.nn.functional as F
+
+def attention(x, weights, *, config, position_ids, attention_mask=None):
+    H, Hkv = config["num_attention_heads"], config["num_key_value_heads"]
+    d = config["head_dim"]; B, S, _ = x.shape
+    theta = config["rope_parameters"]["rope_theta"]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    ang = position_ids[..., None].float() * inv
+    cos, sin = torch.cat([ang, ang], -1).cos()[:, None], torch.cat([ang, ang], -1).sin()[:, None]
+    def rot(t):
+        a, b = t.chunk(2, -1)
+        return t * cos + torch.cat([-b, a], -1) * sin
+    q = rot((x @ weights["q_proj"].T).view(B, S, H, d).transpose(1, 2))
+    k = rot((x @ weights["k_proj"].T).view(B, S, Hkv, d).transpose(1, 2)).repeat_interleave(H // Hkv, 1)
+    v = (x @ weights["v_proj"].T).view(B, S, Hkv, d).transpose(1, 2).repeat_interleave(H // Hkv, 1)
+    allowed = torch.ones(S, S, dtype=torch.bool).tril()[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, None, :]
+    s = (q @ k.transpose(-2, -1)).float() / d ** 0.5
+    p = torch.softmax(s.masked_fill(~allowed, -1e30), -1) * allowed.any(-1, keepdim=True)
+    return ((p.to(v.dtype) @ v).transpose(1, 2).reshape(B, S, H * d)) @ weights["o_proj"].T
+
+def no_scale(x, weights, *, config, position_ids, attention_mask=None):
+    config = dict(config, head_dim=config["head_dim"])
+    H, d = config["num_attention_heads"], config["head_dim"]
+    global_scale = d ** 0.5
+    w = dict(weights, q_proj=weights["q_proj"] * global_scale)   # the same as dropping 1/sqrt(d)
+    return attention(x, w, config=config, position_ids=position_ids, attention_mask=attention_mask)
+"""
+
+
+def test_external_plugin_module_and_file(tmp_path):
+    (tmp_path / "my_attention.py").write_text(textwrap.dedent(CORRECT_PLUGIN))
+    env = {"PYTHONPATH": f"{tmp_path}:{FIXTURES.parent}"}
+    out = tmp_path / "r.json"
+    p = run(
+        [
+            "-m",
+            "harness",
+            "verify",
+            "--fixture",
+            "smollm2-135m",
+            "--impl",
+            "my_attention:attention",
+            f"{tmp_path / 'my_attention.py'}:attention",
+            "--quick",
+            "--json",
+            str(out),
+        ],
+        env=env,
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr
+    doc = json.loads(out.read_text())
+    assert doc["summary"]["failed"] == 0 and doc["summary"]["passed"] > 0
+    assert {v["impl"] for v in doc["verdicts"]} == {
+        "my_attention:attention",
+        f"{tmp_path / 'my_attention.py'}:attention",
+    }
+    assert "passed, 0 failed in" in p.stdout
+
+    p = run(
+        [
+            "-m",
+            "harness",
+            "verify",
+            "--fixture",
+            "smollm2-135m",
+            "--impl",
+            "my_attention:no_scale",
+            "--quick",
+            "--json",
+            str(out),
+        ],
+        env=env,
+    )
+    assert p.returncode == 1
+    doc = json.loads(out.read_text())
+    (v,) = doc["verdicts"]
+    assert v["stage"] == "scale" and "8.0x" in v["hint"] and v["passed"] is False
+    assert "FAIL smollm2-135m / my_attention:no_scale: stage scale" in p.stdout
+    for r in doc["results"]:
+        assert {"fixture", "impl", "scenario", "dtype", "passed", "max_abs_err", "tolerance"} <= set(r)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--impl", "nope"], "unknown implementation"),
+        (["--impl", "no_such_module_xyz:f"], "cannot import"),
+        (["--impl", "json:no_such_function"], "no callable"),
+        (["--fixture", "no-such-fixture"], "no fixture"),
+        (["--dtype", "float8"], "unknown dtype"),
+        (["--bogus"], "unrecognized arguments"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, match):
+    p = run(["-m", "harness", "verify", "--quick", *args])
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr
+    assert match in one_line_error(p)
+
+
+def test_tampered_fixture_exit_2(tmp_path):
+    d = tmp_path / "t"
+    shutil.copytree(FIXTURES / "smollm2-135m", d)
+    (d / "config.json").write_text((d / "config.json").read_text() + " ")
+    p = run(["-m", "harness", "verify", "--fixture", str(d), "--quick"])
+    assert p.returncode == 2 and "sha256" in one_line_error(p)
+
+
+def test_deterministic_json(tmp_path):
+    outs = []
+    for i in range(2):
+        p = run(
+            [
+                "-m",
+                "harness",
+                "verify",
+                "--fixture",
+                "smollm2-135m",
+                "--impl",
+                "tiled",
+                "--quick",
+                "--json",
+                str(tmp_path / f"{i}.json"),
+            ]
+        )
+        assert p.returncode == 0, p.stderr
+        doc = json.loads((tmp_path / f"{i}.json").read_text())
+        doc["summary"].pop("seconds")
+        for r in doc["results"]:
+            r.pop("seconds")
+        outs.append(doc)
+    assert outs[0] == outs[1]
+
+
+def test_list_json():
+    p = run(["-m", "harness", "list", "--json"])
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    names = {f["name"]: f for f in doc["fixtures"]}
+    assert names["smollm2-135m"]["synthetic"] is False and names["llama-3.2-1b-synthetic"]["synthetic"] is True
+    assert set(doc["implementations"]) >= {"naive", "loop", "tiled", "sdpa"}
+    assert {"one_token", "sparse_positions", "left_padding"} <= {s["name"] for s in doc["scenarios"]}
