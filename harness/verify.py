@@ -229,17 +229,15 @@ def verify(
 
 
 def table(rows: list[Row]) -> str:
-    head = (
-        f"{'fixture':24s} {'impl':10s} {'scenario':17s} {'dtype':8s} {'max abs err':>11s} {'vs fp64':>9s} "
-        f"{'tolerance':>9s}  result"
-    )
+    wf = max([7] + [len(r.fixture) for r in rows])
+    wi = max([4] + [len(r.impl) for r in rows])
+    head = (f"{'fixture':{wf}s} {'impl':{wi}s} {'scenario':17s} {'dtype':8s} {'max abs err':>11s} {'vs fp64':>9s} "
+            f"{'tolerance':>9s}  result")
     lines = [head, "-" * len(head)]
     for r in rows:
         res = "PASS" if r.passed else ("FAIL (NaN/Inf)" if r.nonfinite else "FAIL")
-        lines.append(
-            f"{r.fixture:24s} {r.impl:10s} {r.scenario:17s} {r.dtype:8s} {r.max_abs_err:11.2e} "
-            f"{r.err_vs_ref64:9.2e} {r.tolerance:9.2e}  {res}"
-        )
+        lines.append(f"{r.fixture:{wf}s} {r.impl:{wi}s} {r.scenario:17s} {r.dtype:8s} {r.max_abs_err:11.2e} "
+                     f"{r.err_vs_ref64:9.2e} {r.tolerance:9.2e}  {res}")
     return "\n".join(lines)
 
 
