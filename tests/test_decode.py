@@ -131,7 +131,7 @@ def test_decode_matches_hf_dynamic_cache(cases, case, core):
     got, lengths, _ = impl_decode(CORES[core], c["x"], c["w"], c["cfg"], c["pos"], chunks)
     assert lengths == list(range(prefill, S + 1))
     assert len(got) == 1 + STEPS
-    for i, (a, b) in enumerate(zip(got, want)):
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
         assert a.shape == b.shape
         err = note(f"{core} decode vs HF DynamicCache ({case})", maxerr(a, b))
         assert err <= TOL, f"step {i}: {err}"
@@ -151,7 +151,7 @@ def test_multi_token_steps_match_hf(fixtures, core):
     want = hf_decode(Reference(cfg, w), x, pos, chunks)
     got, lengths, _ = impl_decode(CORES[core], x, w, cfg, pos, chunks)
     assert lengths == [7, 10, 15, 16, 19]
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         err = note(f"{core} multi-token decode vs HF", maxerr(a, b))
         assert err <= TOL, err
 

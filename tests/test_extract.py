@@ -37,6 +37,7 @@ def hf_model_layer_input(hf_dir, ids, layer):
         return model.layers[layer].input_layernorm(hs)
 
 
+@pytest.mark.slow
 def test_gguf_equals_transformers_gguf_loader(tmp_path):
     """Our dequantize + q/k un-permutation == transformers' own GGUF loading of that layer."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -61,6 +62,7 @@ def test_gguf_equals_transformers_gguf_loader(tmp_path):
         torch.testing.assert_close(f.inputs["hidden_states"][0], rms(emb.float()), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_committed_smollm2_equals_fresh_extraction(tmp_path):
     out = tmp_path / "smollm2-135m"
     p = run(["scripts/extract.py", "--source", "smollm2", "--out", str(out)])

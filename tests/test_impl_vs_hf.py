@@ -100,12 +100,14 @@ def test_lengths(cases, record, case, S):
     check(record, cases, case, inputs(1, S, D), torch.arange(S)[None])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["gqa-d128", "smollm2-135m", "llama-3.2-1b-synthetic"])
 def test_length_1000(cases, record, case):
     D = cases[case][0]["hidden_size"]
     check(record, cases, case, inputs(1, 1000, D, 1), torch.arange(1000)[None])
 
 
+@pytest.mark.slow
 def test_llama_2048(cases, record):
     check(record, cases, "llama-3.2-1b-synthetic", inputs(1, 2048, 2048, 2), torch.arange(2048)[None])
 

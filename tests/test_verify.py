@@ -24,6 +24,7 @@ def refs():
     return {}  # HF references per (fixture, scenario), shared by the tests of this module
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
 def test_builtin_passes_full_matrix(impl, refs):
     rows, verdicts = verify(resolve_fixtures(None), [resolve_impl(impl)], ALL_DTYPES, quick=False, cache=refs, **QUIET)
@@ -77,6 +78,7 @@ def no_scale(x, weights, *, config, position_ids, attention_mask=None):
 """
 
 
+@pytest.mark.slow
 def test_external_plugin_module_and_file(tmp_path):
     (tmp_path / "my_attention.py").write_text(textwrap.dedent(CORRECT_PLUGIN))
     env = {"PYTHONPATH": f"{tmp_path}:{FIXTURES.parent}"}
@@ -155,6 +157,7 @@ def test_tampered_fixture_exit_2(tmp_path):
     assert p.returncode == 2 and "sha256" in one_line_error(p)
 
 
+@pytest.mark.slow
 def test_deterministic_json(tmp_path):
     outs = []
     for i in range(2):
