@@ -322,25 +322,18 @@ def _pattern(failing, passing, runs) -> Verdict:
             "q/k/v/o projections, the head split and merge, and the KV-head mapping",
             "one_token",
         )
-    if {"zero_positions"} <= p and (f & {"short", "prompt", "sparse_positions", "packed"}):
-        if f <= {"sparse_positions", "packed"}:
-            return Verdict(
-                "rope_frequencies",
-                "only unequal long distances between positions fail: the rotary "
-                "frequencies are off (rope_theta, llama3 scaling, float32 angles)",
-                "sparse_positions",
-            )
-        return Verdict(
-            "rope",
-            "correct with every position 0 (RoPE off) but wrong otherwise: the rotary embedding is applied wrongly",
-            "zero_positions",
-        )
     if f <= {"sparse_positions", "packed"}:
         return Verdict(
             "rope_frequencies",
             "only unequal long distances between positions fail: the rotary "
             "frequencies are off (rope_theta, llama3 scaling, float32 angles)",
             "sparse_positions",
+        )
+    if {"zero_positions"} <= p and (f & {"short", "prompt", "sparse_positions", "packed"}):
+        return Verdict(
+            "rope",
+            "correct with every position 0 (RoPE off) but wrong otherwise: the rotary embedding is applied wrongly",
+            "zero_positions",
         )
     if f == {"left_padding"}:
         return Verdict(
