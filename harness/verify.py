@@ -140,8 +140,7 @@ def reference_checks(f: Fixture, scenarios, cache) -> list[Row]:
         c = compare(out, ref, ref64, keep, s.dtype)
         rows.append(Row(f.name, "hf-sdpa", s.name, "float32", seconds=time.perf_counter() - t0, **_fields(c)))
     if f.inputs is not None:
-        x = f.inputs["hidden_states"]
-        x_, pos, mask, ref, ref64, keep = run_reference(f, next(s for s in SCENARIOS if s.name == "prompt"), cache)
+        _, _, _, ref, ref64, keep = run_reference(f, next(s for s in SCENARIOS if s.name == "prompt"), cache)
         c = compare(f.inputs["golden"], ref, ref64, keep, torch.float32)
         rows.append(Row(f.name, "golden", "prompt", "float32", seconds=0.0, **_fields(c)))
     return rows
@@ -231,13 +230,17 @@ def verify(
 def table(rows: list[Row]) -> str:
     wf = max([7] + [len(r.fixture) for r in rows])
     wi = max([4] + [len(r.impl) for r in rows])
-    head = (f"{'fixture':{wf}s} {'impl':{wi}s} {'scenario':17s} {'dtype':8s} {'max abs err':>11s} {'vs fp64':>9s} "
-            f"{'tolerance':>9s}  result")
+    head = (
+        f"{'fixture':{wf}s} {'impl':{wi}s} {'scenario':17s} {'dtype':8s} {'max abs err':>11s} {'vs fp64':>9s} "
+        f"{'tolerance':>9s}  result"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         res = "PASS" if r.passed else ("FAIL (NaN/Inf)" if r.nonfinite else "FAIL")
-        lines.append(f"{r.fixture:{wf}s} {r.impl:{wi}s} {r.scenario:17s} {r.dtype:8s} {r.max_abs_err:11.2e} "
-                     f"{r.err_vs_ref64:9.2e} {r.tolerance:9.2e}  {res}")
+        lines.append(
+            f"{r.fixture:{wf}s} {r.impl:{wi}s} {r.scenario:17s} {r.dtype:8s} {r.max_abs_err:11.2e} "
+            f"{r.err_vs_ref64:9.2e} {r.tolerance:9.2e}  {res}"
+        )
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -21,6 +22,18 @@ SMALL = {
     "head_dim": 64,
     "intermediate_size": 128,
 }
+
+
+def random_weights(config, seed=0):
+    """Seeded projections in nn.Linear layout; q/k scaled so scores have std ~2 (a non-uniform softmax)."""
+    g = torch.Generator().manual_seed(seed)
+    H, Hkv, d, D = (config[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size"))
+    return {
+        "q_proj": torch.randn(H * d, D, generator=g) * 1.5 / D**0.5,
+        "k_proj": torch.randn(Hkv * d, D, generator=g) * 1.5 / D**0.5,
+        "v_proj": torch.randn(Hkv * d, D, generator=g) / D**0.5,
+        "o_proj": torch.randn(D, H * d, generator=g) / (H * d) ** 0.5,
+    }
 
 
 def run(args: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_weights
 
 from harness.fixture import load_fixture
 from harness.reference import Reference
@@ -34,17 +35,6 @@ def small(H, Hkv, d, rope=None, D=256):
         "head_dim": d,
         "max_position_embeddings": 131072,
         "rope_parameters": rope or {"rope_type": "default", "rope_theta": 1e4},
-    }
-
-
-def random_weights(config, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    H, Hkv, d, D = (config[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size"))
-    return {
-        "q_proj": torch.randn(H * d, D, generator=g) * 1.5 / D**0.5,
-        "k_proj": torch.randn(Hkv * d, D, generator=g) * 1.5 / D**0.5,
-        "v_proj": torch.randn(Hkv * d, D, generator=g) / D**0.5,
-        "o_proj": torch.randn(D, H * d, generator=g) / (H * d) ** 0.5,
     }
 
 

@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+from conftest import random_weights
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
@@ -402,17 +403,6 @@ def test_memory_recorder_catches_naive(llama_shapes):
 
 # --------------------------------------------------------------------------------------------------------------
 # against transformers
-
-
-def random_weights(config, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    H, Hkv, d, D = (config[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size"))
-    return {
-        "q_proj": torch.randn(H * d, D, generator=g) * 1.5 / D**0.5,
-        "k_proj": torch.randn(Hkv * d, D, generator=g) * 1.5 / D**0.5,
-        "v_proj": torch.randn(Hkv * d, D, generator=g) / D**0.5,
-        "o_proj": torch.randn(D, H * d, generator=g) / (H * d) ** 0.5,
-    }
 
 
 @pytest.mark.parametrize("block", [(16, 16), (16, 64), (7, 13), (32, 48), (512, 512)], ids=lambda b: f"{b[0]}x{b[1]}")

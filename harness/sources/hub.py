@@ -156,7 +156,7 @@ class HubCheckpoint(Checkpoint):
         with open(self._download("config.json")) as f:
             raw = json.load(f)
         self.config = normalize_config(raw, f"hf:{repo}/config.json")
-        self.map, self.shards = self._weight_map()
+        self.map = self._weight_map()
 
     # --- whole small files, through the HF cache -------------------------------------------------------
     def _download(self, filename: str, optional: bool = False) -> str | None:
@@ -179,13 +179,13 @@ class HubCheckpoint(Checkpoint):
         self.files_read.add(filename)
         return path
 
-    def _weight_map(self) -> tuple[dict[str, str], list[str]]:
+    def _weight_map(self) -> dict[str, str]:
+        """tensor -> shard file from the index; empty for a single model.safetensors (its header is the map)."""
         index = self._download("model.safetensors.index.json", optional=True)
         if index is None:
-            return {}, ["model.safetensors"]
+            return {}
         with open(index) as f:
-            wm = json.load(f).get("weight_map", {})
-        return wm, sorted(set(wm.values()))
+            return json.load(f).get("weight_map", {})
 
     # --- byte ranges of the weights -------------------------------------------------------------------
     def _get(self, filename: str, start: int, end: int) -> bytes:
