@@ -12,10 +12,10 @@ PYTEST_ARGS ?=
 STAMP      := $(VENV)/.setup-done
 SYNTH      := fixtures/llama-3.2-1b-synthetic/manifest.json
 
-.PHONY: setup verify verify-quick test test-fast extract synthetic lint clean help
+.PHONY: setup verify verify-quick e2e plot test test-fast extract synthetic lint clean help
 
 help:
-	@echo "make verify | verify-quick | test | test-fast | extract [SOURCE=...] [LAYER=N] | lint | clean"
+	@echo "make verify | verify-quick | e2e [MODEL=...] [IMPLS=...] | plot | test | test-fast | extract [SOURCE=...] [LAYER=N] | lint | clean"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,17 @@ verify: $(STAMP) $(SYNTH)
 
 verify-quick: $(STAMP) $(SYNTH)
 	$(PY) -m harness verify --quick $(VERIFY_ARGS)
+
+# A whole real model (SmolLM2-135M-Instruct by default) with each implementation in every layer, against
+# transformers: logits, greedy tokens, KV-cache decoding. E.g. make e2e MODEL=hf:meta-llama/Llama-3.2-1B-Instruct
+MODEL      ?= smollm2-135m
+IMPLS      ?= naive loop tiled sdpa
+e2e: $(STAMP)
+	@rc=0; for i in $(IMPLS); do $(PY) -m harness e2e --model $(MODEL) --impl $$i $(E2E_ARGS) || rc=1; done; exit $$rc
+
+# docs/attention.png: layer 0's attention probabilities for a real prompt, ours vs transformers
+plot: $(STAMP)
+	$(PY) -m harness plot-attention --model $(MODEL)
 
 # pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
 test: $(STAMP) $(SYNTH)

@@ -1,4 +1,5 @@
-"""python -m harness COMMAND: verify (the main job), list, fixture (inspect and verify one fixture)."""
+"""python -m harness COMMAND: verify (the main job), list, fixture (inspect and verify one fixture),
+e2e (a whole real model with our attention in every layer), plot-attention (layer 0's probabilities, ours vs HF)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,18 @@ def cmd_fixture(argv) -> int:
 
 def cmd_verify(argv) -> int:
     from harness.verify import main
+
+    return main(argv)
+
+
+def cmd_e2e(argv) -> int:
+    from harness.e2e import main
+
+    return main(argv)
+
+
+def cmd_plot_attention(argv) -> int:
+    from harness.plot import main
 
     return main(argv)
 
@@ -63,7 +76,13 @@ def cmd_list(argv) -> int:
     return 0
 
 
-COMMANDS = {"fixture": cmd_fixture, "verify": cmd_verify, "list": cmd_list}
+COMMANDS = {
+    "fixture": cmd_fixture,
+    "verify": cmd_verify,
+    "list": cmd_list,
+    "e2e": cmd_e2e,
+    "plot-attention": cmd_plot_attention,
+}
 
 
 def main(argv=None) -> int:

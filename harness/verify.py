@@ -22,6 +22,7 @@ from harness.compare import compare
 from harness.diagnose import diagnose
 from harness.errors import Parser, UserError
 from harness.fixture import Fixture, list_fixtures, load_fixture
+from harness.output import write_json
 from harness.reference import Reference, Reference64
 from harness.scenarios import SCENARIOS, select
 
@@ -245,8 +246,6 @@ def table(rows: list[Row]) -> str:
 
 
 def main(argv=None) -> int:
-    import json
-
     p = Parser(
         prog="python -m harness verify",
         description="Verify attention implementations against transformers' LlamaAttention.",
@@ -295,6 +294,5 @@ def main(argv=None) -> int:
             "results": [asdict(r) for r in rows],
             "verdicts": verdicts,
         }
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(doc, indent=1) + "\n")
+        write_json(a.json, doc)
     return 0 if not failed_rows else 1

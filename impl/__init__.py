@@ -27,6 +27,6 @@ IMPLEMENTATIONS = {
 }
 
 # core(q, k, v, attention_mask) -> context: the part between projection and output projection, for decoding.
-CORES = {"naive": naive.core, "tiled": tiled.core, "sdpa": sdpa.core}
+CORES = {"naive": naive.core, "loop": loop.core, "tiled": tiled.core, "sdpa": sdpa.core}
 
 __all__ = ["IMPLEMENTATIONS", "CORES"]

