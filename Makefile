@@ -12,10 +12,10 @@ PYTEST_ARGS ?=
 STAMP      := $(VENV)/.setup-done
 SYNTH      := fixtures/llama-3.2-1b-synthetic/manifest.json
 
-.PHONY: setup verify verify-quick e2e plot test test-fast extract synthetic lint clean help
+.PHONY: setup verify verify-quick e2e plot mutants test test-fast extract synthetic lint clean help
 
 help:
-	@echo "make verify | verify-quick | e2e [MODEL=...] [IMPLS=...] | plot | test | test-fast | extract [SOURCE=...] [LAYER=N] | lint | clean"
+	@echo "make verify | verify-quick | e2e [MODEL=...] [IMPLS=...] | plot | mutants | test | test-fast | extract [SOURCE=...] [LAYER=N] | lint | clean"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ MODEL      ?= smollm2-135m
 IMPLS      ?= naive loop tiled sdpa
 e2e: $(STAMP)
 	@rc=0; for i in $(IMPLS); do $(PY) -m harness e2e --model $(MODEL) --impl $$i $(E2E_ARGS) || rc=1; done; exit $$rc
+
+# The mutation suite: every classic attention bug caught, its stage named (exit 1 if any escapes)
+mutants: $(STAMP) $(SYNTH)
+	$(PY) -m harness mutants $(MUTANTS_ARGS)
 
 # docs/attention.png: layer 0's attention probabilities for a real prompt, ours vs transformers
 plot: $(STAMP)

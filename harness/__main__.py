@@ -43,6 +43,12 @@ def cmd_plot_attention(argv) -> int:
     return main(argv)
 
 
+def cmd_mutants(argv) -> int:
+    from harness.mutants import main
+
+    return main(argv)
+
+
 def cmd_list(argv) -> int:
     import json
 
@@ -82,6 +88,7 @@ COMMANDS = {
     "list": cmd_list,
     "e2e": cmd_e2e,
     "plot-attention": cmd_plot_attention,
+    "mutants": cmd_mutants,
 }
 
 

@@ -6,10 +6,13 @@ Works on black boxes (only the output is seen):
    scaling missing, repeat instead of repeat_interleave, ...). If the implementation's output matches one
    suspect on every failing float32 scenario (much closer to it than to the correct reference), that mistake
    is named;
-3. otherwise the pattern of failing scenarios and probes: one token failing means projections / head layout /
-   GQA / o_proj; passing with all positions 0 but failing otherwise means RoPE; only the sparse long-distance
-   positions failing means RoPE frequencies; only padding, only lengths off the block grid, only the x50 inputs,
-   only half precision point at the padding mask, tiling, softmax stability, low-precision softmax.
+3. otherwise which rows are wrong: whole rows of exact zeros after a sequence's first token mean skipped blocks
+   (tiling); only the last token, only where positions are not 0..S-1, means a decode path's position (rope);
+4. otherwise the pattern of failing scenarios and probes: one token failing means projections / head layout /
+   GQA / o_proj; every sequence above some length failing and every shorter one passing means tiling; passing
+   with all positions 0 but failing otherwise means RoPE; only the sparse long-distance positions failing means
+   RoPE frequencies; only padding, only the x50 inputs, only half precision point at the padding mask, softmax
+   stability, low-precision softmax.
 For built-ins that return their intermediates (naive), a stage-by-stage comparison with HF's comes first.
 
 Stages: projection, head_layout, gqa, rope, rope_frequencies, scale, causal_mask, padding_mask, softmax, tiling,
@@ -309,7 +312,40 @@ def diagnose(fixture, fn, failing: list, passing: list, runs: dict) -> Verdict:
                 best = (m, worst)
         if best is not None:
             return Verdict(best[0].stage, _hint(best[0], config), best[0].name)
-    return _pattern(failing, passing, runs)
+    return _row_pattern(failing, runs) or _pattern(failing, passing, runs)
+
+
+POSITION_SCENARIOS = {"left_padding", "packed", "sparse_positions", "zero_positions"}  # positions not 0..S-1
+
+
+def _row_pattern(failing, runs) -> Verdict | None:
+    """Which output rows are wrong: rows of exact zeros where tokens are (skipped blocks), or only the last token
+    of each sequence (a decode path), seen on every failing scenario."""
+    zero_rows, last_only = False, bool(failing)
+    for n in failing:
+        x, pos, mask, out, ref, _ = runs[n]
+        keep = mask.bool() if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool)  # (B, S)
+        first = keep.float().argmax(-1, keepdim=True)  # (B, 1) the first real token of each row
+        after_first = keep & (torch.arange(x.shape[1])[None] > first)  # (B, S)
+        zero = (out.float().abs().amax(-1) == 0) & (ref.float().abs().amax(-1) > 0)  # (B, S)
+        zero_rows |= bool((zero & after_first).any())  # a first token that sees nothing can be 0; later ones not
+        err = (out.double() - ref.double()).abs().amax(-1).masked_fill(~keep, 0)  # (B, S)
+        last_only &= x.shape[1] > 1 and bool(err[:, -1].max() > 0) and bool(err[:, :-1].max() <= 1e-2 * err.max())
+    if zero_rows:
+        return Verdict(
+            "tiling",
+            "whole output rows are exactly zero where tokens are: query or key blocks were skipped (the last "
+            "partial block dropped? loop over ceil(S / block) blocks, not S // block)",
+            "zero_rows",
+        )
+    if last_only and set(failing) <= POSITION_SCENARIOS:
+        return Verdict(
+            "rope",
+            "only the last token is wrong, and only where positions are not 0..S-1: a decode (KV-cache) path "
+            "places the new token at the cache length; rotate it by its position_ids",
+            "last_token",
+        )
+    return None
 
 
 def _pattern(failing, passing, runs) -> Verdict:
@@ -328,6 +364,16 @@ def _pattern(failing, passing, runs) -> Verdict:
             "only unequal long distances between positions fail: the rotary "
             "frequencies are off (rope_theta, llama3 scaling, float32 angles)",
             "sparse_positions",
+        )
+    fl = {n: runs[n][0].shape[1] for n in f if runs[n][5] == torch.float32}  # failing float32 lengths
+    pl = {n: runs[n][0].shape[1] for n in p if runs[n][5] == torch.float32}
+    if fl and pl and min(fl.values()) > max(pl.values()):
+        shortest = min(fl.values())
+        return Verdict(
+            "tiling",
+            f"every float32 sequence of {shortest} tokens or more fails and every shorter one passes: a block-size "
+            "effect (the accumulator rescaling across key blocks, the last partial block, the diagonal blocks' mask)",
+            "length",
         )
     if {"zero_positions"} <= p and (f & {"short", "prompt", "sparse_positions", "packed"}):
         return Verdict(
