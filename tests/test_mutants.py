@@ -40,6 +40,7 @@ def test_the_unmutated_pipeline_is_correct():
     assert len(fields(Steps)) >= 9  # projection, RoPE, GQA, scores, mask, softmax, aggregation, core, output
 
 
+@pytest.mark.slow
 def test_cli_subset_json_and_exit_codes(tmp_path):
     out = tmp_path / "m.json"
     p = run(["-m", "harness", "mutants", "--fixture", "smollm2-135m", "--mutant", "scale_missing",
