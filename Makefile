@@ -12,10 +12,10 @@ PYTEST_ARGS ?=
 STAMP      := $(VENV)/.setup-done
 SYNTH      := fixtures/llama-3.2-1b-synthetic/manifest.json
 
-.PHONY: setup verify verify-quick e2e plot mutants test test-fast extract synthetic lint clean help
+.PHONY: setup verify verify-quick e2e plot mutants bench bench-quick test test-fast extract synthetic lint clean help
 
 help:
-	@echo "make verify | verify-quick | e2e [MODEL=...] [IMPLS=...] | plot | mutants | test | test-fast | extract [SOURCE=...] [LAYER=N] | lint | clean"
+	@echo "make verify | verify-quick | e2e [MODEL=...] [IMPLS=...] | plot | mutants | bench [BENCH_ARGS=...] | bench-quick | test | test-fast | extract [SOURCE=...] [LAYER=N] | lint | clean"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,14 @@ e2e: $(STAMP)
 # The mutation suite: every classic attention bug caught, its stage named (exit 1 if any escapes)
 mutants: $(STAMP) $(SYNTH)
 	$(PY) -m harness mutants $(MUTANTS_ARGS)
+
+# Benchmarks on Llama-3.2-1B's attention shapes: time, peak memory, traffic; the full run (25 minutes on
+# 2 cores) rewrites docs/bench.json and docs/bench.png. E.g. make bench BENCH_ARGS="--seq 4096 --impl tiled,sdpa"
+bench: $(STAMP)
+	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	$(PY) scripts/bench.py --quick $(BENCH_ARGS)
 
 # docs/attention.png: layer 0's attention probabilities for a real prompt, ours vs transformers
 plot: $(STAMP)

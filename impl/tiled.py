@@ -10,25 +10,38 @@ rescaled by exp(m - m') (equation 6 of the FlashAttention paper):
     l'   = exp(m - m') l + rowsum(P_ij)
     acc' = exp(m - m') acc + P_ij V_j
 
-and at the end out = acc / l, lse = m + log l. Causal: key blocks entirely above the diagonal are skipped,
-only blocks that cross it are masked. GQA: the g query heads of a KV head are stacked into one block of g*bq
-rows, so each K/V tile is read once per group and never repeated. Half-precision inputs: the tile matmuls run in
-the input dtype, m, l and acc in float32. Memory: O(B * H * bq * bk) for a tile, plus the output.
+and at the end out = acc / l, lse = m + log l.
+
+Why it is shaped the way it is (each point measured, see README "Benchmarks"):
+- Scores are kept in base 2: each query block is scaled by log2(e) / sqrt(d) as it is copied out of q, so
+  exp(x) becomes exp2(x'), which is cheaper, no per-tile scaling pass is needed and no scaled copy of the
+  whole q is made. The lse is converted back to natural log at the end.
+- Causal: key blocks entirely above the diagonal are skipped, only blocks that cross it are masked (the
+  masks are built once per diagonal offset and reused).
+- GQA: the g query heads of a KV head are stacked into one block of g*bq rows, so each K/V tile is read once
+  per group and never repeated; the tile matmuls are batched over the KV heads.
+- In place: the tile is exponentiated where it lies and p @ v is added into acc by baddbmm_, so a tile costs
+  one new buffer, not one per step.
+Half-precision inputs: the tile matmuls run in the input dtype, m, l and acc in float32. Memory: one
+(B*Hkv, g*bq, bk) float32 tile, plus the output.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from impl.gqa import groups
 from impl.projection import heads, output, project_qkv
 
-BLOCK_Q = 128
-BLOCK_K = 128
+BLOCK_Q = 128  # query rows per tile (times g, the query heads per KV head)
+BLOCK_K = 256  # keys per tile
+LOG2E = math.log2(math.e)
 
 
 def flash_forward(q, k, v, attention_mask=None, *, block_q=BLOCK_Q, block_k=BLOCK_K, causal=True):
-    """q (B, H, Sq, d), k/v (B, Hkv, Sk, d) -> (out (B, H, Sq, d), lse (B, H, Sq) float32).
+    """q (B, H, Sq, d), k/v (B, Hkv, Sk, d) -> (out (B, H, Sq, d), lse (B, H, Sq) float32, natural log).
 
     Causal masks are bottom-right aligned (query i is key index Sk - Sq + i); attention_mask [B, Sk] marks
     padded keys with 0. Rows that may attend to nothing give out = 0 and lse = -inf.
@@ -36,45 +49,56 @@ def flash_forward(q, k, v, attention_mask=None, *, block_q=BLOCK_Q, block_k=BLOC
     B, H, Sq, d = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     g = groups(H, Hkv)
-    scale = d**-0.5
+    c = d**-0.5 * LOG2E  # softmax scale, in base 2
     offset = Sk - Sq
-    keep = attention_mask.bool() if attention_mask is not None else None  # (B, Sk)
-    qg = q.view(B, Hkv, g, Sq, d)  # (B, Hkv, g, Sq, d): query heads grouped by their KV head
+    f32 = q.dtype == torch.float32
+    keep = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None  # (B, 1, 1, Sk)
+    qg = q.unflatten(1, (Hkv, g))  # (B, Hkv, g, Sq, d): query heads grouped by their KV head (a view)
+    kT = k.reshape(B * Hkv, Sk, d).transpose(1, 2)  # (B*Hkv, d, Sk)
+    vv = v.reshape(B * Hkv, Sk, d)  # (B*Hkv, Sk, d)
     out = torch.empty_like(q)  # (B, H, Sq, d)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+    diag = {}  # (query-key offset, bq, bk) -> (g*bq, bk) bool: True above the diagonal
 
     for i0 in range(0, Sq, block_q):
         i1 = min(i0 + block_q, Sq)
-        bq = i1 - i0
-        qi = qg[:, :, :, i0:i1].reshape(B, Hkv, g * bq, d)  # (B, Hkv, g*bq, d)
-        m = torch.full((B, Hkv, g * bq, 1), float("-inf"), device=q.device)  # running max, float32
-        l = torch.zeros(B, Hkv, g * bq, 1, device=q.device)  # running sum
-        acc = torch.zeros(B, Hkv, g * bq, d, device=q.device)  # unnormalised output, float32
+        bq, R = i1 - i0, g * (i1 - i0)
+        qi = (qg[:, :, :, i0:i1] * (c if f32 else 1.0)).reshape(B * Hkv, R, d)  # (B*Hkv, g*bq, d), a new copy
+        m = torch.full((B * Hkv, R, 1), float("-inf"), device=q.device)  # running max (base 2), float32
+        l = torch.zeros(B * Hkv, R, 1, device=q.device)  # running sum
+        acc = torch.zeros(B * Hkv, R, d, device=q.device)  # unnormalised output, float32
         last = Sk if not causal else min(Sk, offset + i1)  # keys beyond the block's last query are never seen
 
         for j0 in range(0, last, block_k):
             j1 = min(j0 + block_k, last)
-            s = (qi @ k[:, :, j0:j1].transpose(-2, -1)).float()  # (B, Hkv, g*bq, bk)
-            s *= scale
+            s = torch.bmm(qi, kT[:, :, j0:j1])  # (B*Hkv, g*bq, bk) scores, base 2
+            if not f32:
+                s = s.float().mul_(c)
             if causal and j1 - 1 > offset + i0:  # this block crosses the diagonal: mask it
-                qpos = torch.arange(i0, i1, device=q.device)[:, None] + offset  # (bq, 1)
-                kpos = torch.arange(j0, j1, device=q.device)[None, :]  # (1, bk)
-                above = (kpos > qpos).repeat(g, 1)  # (g*bq, bk): the same rows for each head of the group
-                s.masked_fill_(above, float("-inf"))
+                key = (offset + i0 - j0, bq, j1 - j0)
+                if key not in diag:
+                    qpos = torch.arange(i0, i1, device=q.device)[:, None] + offset  # (bq, 1)
+                    kpos = torch.arange(j0, j1, device=q.device)[None, :]  # (1, bk)
+                    diag[key] = (kpos > qpos).repeat(g, 1)  # (g*bq, bk): the same rows for each head
+                s.masked_fill_(diag[key], float("-inf"))
             if keep is not None:
-                s.masked_fill_(~keep[:, None, None, j0:j1], float("-inf"))
+                s.view(B, Hkv, R, j1 - j0).masked_fill_(~keep[..., j0:j1], float("-inf"))
 
-            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))  # (B, Hkv, g*bq, 1)
-            shift = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))  # all -inf so far: no shift
-            p = torch.exp(s - shift)  # (B, Hkv, g*bq, bk)
-            alpha = torch.exp(m - shift)  # rescales what was accumulated under the old max (eq. 6)
+            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))  # (B*Hkv, g*bq, 1)
+            shift = torch.where(torch.isfinite(m_new), m_new, 0.0)  # all -inf so far: no shift
+            p = s.sub_(shift).exp2_()  # (B*Hkv, g*bq, bk), in place of the scores
+            alpha = torch.exp2(m - shift)  # rescales what was accumulated under the old max (eq. 6)
             l.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
-            acc.mul_(alpha).add_((p.to(v.dtype) @ v[:, :, j0:j1]).float())  # (B, Hkv, g*bq, d)
+            acc.mul_(alpha)
+            if p.dtype == v.dtype:
+                acc.baddbmm_(p, vv[:, j0:j1])  # acc += p @ v_j
+            else:
+                acc.add_(torch.bmm(p.to(v.dtype), vv[:, j0:j1]).float())
             m = m_new
 
-        o = acc / torch.where(l > 0, l, torch.ones_like(l))  # fully masked rows: acc = 0 -> 0
-        out[:, :, i0:i1] = o.view(B, Hkv, g, bq, d).reshape(B, H, bq, d).to(q.dtype)  # (B, H, bq, d)
-        lse[:, :, i0:i1] = (m + torch.log(l)).view(B, H, bq)  # -inf where l = 0
+        acc.div_(torch.where(l > 0, l, 1.0))  # fully masked rows: acc = 0 -> 0
+        out[:, :, i0:i1] = acc.view(B, Hkv, g, bq, d).reshape(B, H, bq, d).to(q.dtype)  # (B, H, bq, d)
+        lse[:, :, i0:i1] = ((m + torch.log2(l)) / LOG2E).view(B, H, bq)  # natural log; -inf where l = 0
 
     return out, lse
 

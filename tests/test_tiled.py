@@ -293,7 +293,7 @@ def test_lse_matches_logsumexp_and_empty_rows():
 
 
 class MatmulShapes(TorchDispatchMode):
-    """Records (args' shapes, output shape) of every aten mm/bmm."""
+    """Records (operands' shapes, output shape) of every aten mm/bmm/baddbmm (acc += p @ v is a baddbmm_)."""
 
     def __init__(self):
         super().__init__()
@@ -303,6 +303,8 @@ class MatmulShapes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if func in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.matmul.default):
             self.calls.append((tuple(args[0].shape), tuple(args[1].shape), tuple(out.shape)))
+        if func in (torch.ops.aten.baddbmm.default, torch.ops.aten.baddbmm_.default, torch.ops.aten.addmm.default):
+            self.calls.append((tuple(args[1].shape), tuple(args[2].shape), tuple(out.shape)))
         return out
 
 
