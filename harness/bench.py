@@ -577,9 +577,10 @@ def plot(rows: list[Row], info: dict, path: Path) -> None:
             if comp and key != "median_s":
                 xs = [r.seq for r in comp]
                 ys = [getattr(r, key) for r in comp]
-                if ran:  # connect the measured to the computed points
+                ax.plot(xs, ys, "o", color=c, mfc="white", label=None if ran else name)
+                if ran:  # connect the last measured point to the computed ones
                     xs, ys = [ran[-1].seq] + xs, [getattr(ran[-1], key)] + ys
-                ax.plot(xs, ys, "o:", color=c, mfc="white", label=None if ran else name)
+                ax.plot(xs, ys, ":", color=c)
         if key == "median_s":
             rate = info["roofline"]["matmul_gflops"] * 1e9
             ax.plot(seqs, [core_flops(s, n) / rate for n in seqs], "k--", lw=1,
@@ -645,7 +646,11 @@ def main(argv=None) -> int:
                    help="skip a configuration projected to need more seconds for all its calls (default 600)")
     p.add_argument("--json", type=Path, help="write the rows here (default for a full run: docs/bench.json)")
     p.add_argument("--plot", type=Path, help="write the figure here (default for a full run: docs/bench.png)")
+    p.add_argument("--replot", type=Path, metavar="JSON",
+                   help="measure nothing: redraw the figure (--plot, default docs/bench.png) from --json rows")
     a = p.parse_args(argv)
+    if a.replot:
+        return replot(a.replot, a.plot or DOCS_PNG)
     if a.runs < 1:
         raise UserError(f"--runs {a.runs}: give at least 1 (5 or more for a median worth reporting)")
     opt = Options(runs=a.runs, max_config_s=a.max_config_s)
@@ -672,13 +677,33 @@ def main(argv=None) -> int:
     if json_path:
         for r in rows:
             r.extra.update(matmul_gflops=info["roofline"]["matmul_gflops"], cpu=info["machine"]["cpu"],
-                           threads=info["machine"]["threads"], torch=info["machine"]["torch"])
+                           threads=info["machine"]["threads"], torch=info["machine"]["torch"],
+                           ram_bytes=info["machine"]["ram_bytes"])
         write_json(json_path, [r.json() for r in rows])
         print(f"wrote {json_path}")
     if png_path:
         plot(rows, info, png_path)
         print(f"wrote {png_path}")
     print(f"bench: {len(rows)} rows ({sum(r.ran for r in rows)} measured) in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def replot(src: Path, png: Path) -> int:
+    try:
+        docs = json.loads(Path(src).read_text())
+        fields = set(Row.__dataclass_fields__) - {"extra"}
+        rows = [Row(**{k: v for k, v in d.items() if k in fields}) for d in docs]
+        first = docs[0]
+        info = {
+            "machine": {"cpu": first["cpu"], "threads": first["threads"], "torch": first["torch"],
+                        "ram_bytes": first.get("ram_bytes")},
+            "roofline": {"matmul_gflops": first["matmul_gflops"]},
+        }
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        why = f"{type(e).__name__}: {e}"
+        raise UserError(f"--replot {src}: not rows written by scripts/bench.py --json ({why})") from None
+    plot(rows, info, png)
+    print(f"wrote {png} from {src}")
     return 0
 
 

@@ -192,3 +192,17 @@ def test_bad_argument_from_the_command_line():
     p = run(["scripts/bench.py", "--impl", "tiled,flash9"], timeout=120)
     assert p.returncode == 2
     assert "--impl flash9: unknown" in one_line_error(p)
+
+
+def test_replot_redraws_from_json_and_rejects_other_files(tmp_path, capsys):
+    rows = [{"impl": "tiled", "seq": 1024, "ran": True, "median_s": 0.1, "peak_bytes": 3e7, "traffic_bytes": 9e8,
+             "cpu": "x", "threads": 2, "torch": "2", "matmul_gflops": 100.0},
+            {"impl": "naive", "seq": 1024, "ran": False, "median_s": None, "peak_bytes": 5e8, "traffic_bytes": 2e9,
+             "cpu": "x", "threads": 2, "torch": "2", "matmul_gflops": 100.0}]
+    src, png = tmp_path / "rows.json", tmp_path / "p.png"
+    src.write_text(json.dumps(rows))
+    assert bench.main(["--replot", str(src), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "bad.json").write_text('{"not": "rows"}')
+    assert bench.cli(["--replot", str(tmp_path / "bad.json"), "--plot", str(png)]) == 2
+    assert "--replot" in one_line_error(capsys.readouterr().err)

@@ -443,3 +443,24 @@ def test_attention_vs_transformers_smollm2_prompt(smollm, block):
     err = maxerr(got, want)
     note("tiled.attention vs HF (smollm2 prompt)", err)
     assert err <= 1e-4, err
+
+
+@pytest.mark.parametrize("sc", [30, 60])
+def test_large_scores_round_as_transformers_does(sc):
+    """Scores up to ~1e3-4e3 (the x50 scenario's range), float32: tiled must agree with transformers' eager attention
+    to ~1e-6, far below both's own float32 error (~3e-4 vs float64), because it rounds the scores as transformers does,
+    (q k^T) * scale. Regression: folding log2(e) into q (exp2 of pre-scaled scores) rounds every exponent by an error
+    proportional to |score|: 2e-4..8e-4 away from transformers here, 1.5e-3 (over tolerance) on scaled_x50."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 256, 64, generator=g) * sc
+    k = torch.randn(1, 2, 256, 64, generator=g) * sc / 4
+    v = torch.randn(1, 2, 256, 64, generator=g)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 2
+    bias = torch.full((256, 256), torch.finfo(torch.float32).min).triu_(1)[None, None]  # causal, as HF builds it
+    want = eager_attention_forward(module.eval(), q, k, v, bias, scaling=64**-0.5)[0].transpose(1, 2)  # (B, H, S, d)
+    err = float((tiled.core(q, k, v) - want).abs().max())
+    note(f"tiled vs HF eager, scores x{sc} (f32)", err)
+    assert err <= 1e-5, err
