@@ -156,6 +156,7 @@ def test_cli_rows_json_and_plot(tmp_path, monkeypatch):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # 3 s each (keeps make test-fast under 2 min)
 def test_what_cannot_run_is_computed_and_labelled(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "_meminfo", lambda key: 3 * 10**6)  # "3 MB free": naive's scores do not fit
     out = tmp_path / "b.json"
@@ -188,6 +189,7 @@ def test_bad_arguments_one_line_exit_2(args, says, capsys):
     assert says in one_line_error(capsys.readouterr().err)
 
 
+@pytest.mark.slow  # 3 s each (keeps make test-fast under 2 min)
 def test_bad_argument_from_the_command_line():
     p = run(["scripts/bench.py", "--impl", "tiled,flash9"], timeout=120)
     assert p.returncode == 2

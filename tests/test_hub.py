@@ -73,6 +73,7 @@ def test_happy_path_reads_only_the_layer(tmp_path, hub, llama_dir):
     assert not any(hub.token.encode() in p.read_bytes() for p in out.iterdir())
 
 
+@pytest.mark.slow  # 3 s (keeps make test-fast under 2 min)
 def test_sharded_repo_over_the_hub(tmp_path, hf_env, monkeypatch):
     from checkpoints import make_hf_checkpoint
 
