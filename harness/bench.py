@@ -53,7 +53,6 @@ LAYER_MAX_SEQ = 4096  # whole-layer rows at seqs up to this (the core dominates 
 NO_PREDICT = {"sdpa", "hf_sdpa", "layer_hf", "layer_tiled"}
 H100_SMEM = 227 * 1024  # bytes of shared memory one thread block may use on an H100 SM: the tile budget M
 DOCS_JSON, DOCS_PNG = ROOT / "docs" / "bench.json", ROOT / "docs" / "bench.png"
-GB = 1e9
 MIN_TIMED_S = 2.0  # time at least this much per configuration (more runs for short calls)
 
 
@@ -83,6 +82,10 @@ def core_flops(s: Shape, n: int) -> float:
     """Useful FLOPs of causal attention: q k^T and p v (2 d each) over the n (n + 1) / 2 allowed pairs per head.
     The same count for every implementation, so GFLOP/s compares time (naive computes the masked half too)."""
     return 4.0 * s.B * s.H * s.d * n * (n + 1) / 2
+
+
+def flops_of(name: str, s: Shape, n: int) -> float:
+    return core_flops(s, n) if name in CORE else layer_flops(s, n)
 
 
 def layer_flops(s: Shape, n: int) -> float:
@@ -481,7 +484,7 @@ def run(opt: Options, log=None) -> tuple[list[Row], dict]:
                         f"projected {projected:.0f} s for {calls} calls > --max-config-s {opt.max_config_s:g}"
                     )
             if row.reason:
-                row.flops = core_flops(s, n) if name in CORE else layer_flops(s, n)
+                row.flops = flops_of(name, s, n)
                 if pred is not None:  # (the fused cases are never too big, only too slow: nothing computed)
                     row.peak_bytes, row.tensor_peak_bytes = pred.tensor_peak, pred.tensor_peak
                     row.peak_method = "computed: tensor bytes of a meta-device run"
@@ -496,7 +499,7 @@ def run(opt: Options, log=None) -> tuple[list[Row], dict]:
                 warmed.add(name)
             case = make_case(name, s, n, cfg, seed=n)
             times, peak, meter = measure(case, opt.runs, hwm)
-            if name in ("sdpa",):
+            if name == "sdpa":
                 from impl import sdpa
 
                 row.extra["backend"] = sdpa.last_backend
@@ -504,7 +507,7 @@ def run(opt: Options, log=None) -> tuple[list[Row], dict]:
             _trim()
             med = statistics.median(times)
             row.ran, row.median_s, row.min_s, row.max_s, row.runs = True, med, min(times), max(times), len(times)
-            row.flops = core_flops(s, n) if name in CORE else layer_flops(s, n)
+            row.flops = flops_of(name, s, n)
             row.gflops = row.flops / med / 1e9
             row.frac_matmul = row.gflops / peak_rate
             row.peak_bytes, row.tensor_peak_bytes = peak, meter.tensor_peak

@@ -21,27 +21,22 @@ from harness import bench
 F = 4  # float32 bytes
 
 
-def metered(fn):
-    m, out = bench.meter_call(fn)
-    return m, out
-
-
 def test_traffic_of_known_ops():
     a, b = torch.ones(64, 32), torch.ones(32, 16)
-    m, _ = metered(lambda: a @ b)
+    m, _ = bench.meter_call(lambda: a @ b)
     assert (m.traffic, m.ops) == (F * (64 * 32 + 32 * 16 + 64 * 16), 1)
-    m, _ = metered(lambda: (a.t(), a[:, :8], a.view(32, 64), a.transpose(0, 1).unsqueeze(0)))
+    m, _ = bench.meter_call(lambda: (a.t(), a[:, :8], a.view(32, 64), a.transpose(0, 1).unsqueeze(0)))
     assert (m.traffic, m.ops) == (0, 0)  # views move no data
     c = torch.ones(1000)
-    m, _ = metered(lambda: c.mul_(2))
+    m, _ = bench.meter_call(lambda: c.mul_(2))
     assert m.traffic == 2 * F * 1000  # in place: read and write
     dst, src = torch.empty(1000), torch.ones(1000)
-    m, _ = metered(lambda: dst.copy_(src))
+    m, _ = bench.meter_call(lambda: dst.copy_(src))
     assert m.traffic == 2 * F * 1000  # read src, write dst (dst is not read)
     row = torch.ones(1, 16)
-    m, _ = metered(lambda: a[:, :16] + row.expand(64, 16))
+    m, _ = bench.meter_call(lambda: a[:, :16] + row.expand(64, 16))
     assert m.traffic == F * (64 * 16 + 16 + 64 * 16)  # the broadcast row is read once
-    m, _ = metered(lambda: torch.empty(1000))
+    m, _ = bench.meter_call(lambda: torch.empty(1000))
     assert m.traffic == 0  # allocation writes nothing
 
 
@@ -54,10 +49,10 @@ def test_tensor_peak_counts_what_is_alive_at_once():
         return z
 
     for device in ("cpu", "meta"):
-        m, _ = metered(lambda device=device: f(device))
+        m, _ = bench.meter_call(lambda device=device: f(device))
         assert m.tensor_peak == 2 * F * 1000, device
     x = torch.ones(1000)
-    m, _ = metered(lambda: x.mul_(3))
+    m, _ = bench.meter_call(lambda: x.mul_(3))
     assert m.tensor_peak == 0  # inputs and in-place results are not new memory
 
 
@@ -67,7 +62,7 @@ def test_meta_prediction_equals_the_real_run(name):
     what the real run counts."""
     cfg = bench.llama_config()
     s = bench.shape_of(cfg)
-    real, _ = metered(bench.make_case(name, s, 300, cfg).fn)
+    real, _ = bench.meter_call(bench.make_case(name, s, 300, cfg).fn)
     pred = bench.predict(name, s, 300, cfg)
     print(f"{name}: real traffic {real.traffic} peak {real.tensor_peak}; meta {pred.traffic} {pred.tensor_peak}")
     assert (pred.traffic, pred.tensor_peak, pred.ops) == (real.traffic, real.tensor_peak, real.ops)
@@ -80,7 +75,7 @@ def test_naive_traffic_is_quadratic_and_tiled_tiles_round_trip_but_sdpa_does_not
     t = {}
     for name in ("naive", "tiled", "sdpa"):
         for n in (512, 1024):
-            t[name, n], _ = metered(bench.make_case(name, s, n, cfg).fn)
+            t[name, n], _ = bench.meter_call(bench.make_case(name, s, n, cfg).fn)
     assert t["naive", 1024].traffic > 3.5 * t["naive", 512].traffic  # Theta(N^2)
     assert t["tiled", 1024].traffic > 3 * t["tiled", 512].traffic  # tiles written and read: still Theta(N^2)
     q_k_v_o = F * 1024 * s.d * (2 * s.H + 2 * s.Hkv)
