@@ -1,6 +1,9 @@
 """From-scratch attention, as it runs in Llama-3.2-1B. Never imports transformers.
 
-The plug-in contract (every entry of IMPLEMENTATIONS follows it; the harness accepts any callable that does):
+Two of the harness's three plug-in contracts are met by the built-ins (the third, `module`, is a factory
+`build(config, weights) -> layer` with `layer(x, position_ids, attention_mask=None)`: see the README).
+
+The layer contract (every entry of IMPLEMENTATIONS):
 
     attention(x, weights, *, config, position_ids, attention_mask=None) -> Tensor
       x              [batch, seq, hidden_size], float32 / bfloat16 / float16
@@ -26,7 +29,12 @@ IMPLEMENTATIONS = {
     "sdpa": sdpa.attention,
 }
 
-# core(q, k, v, attention_mask) -> context: the part between projection and output projection, for decoding.
+# The core contract (every entry of CORES): the kernel between the projections and the output projection.
+#   attn(q, k, v, *, causal=True, scale=None, attention_mask=None) -> out or (out, lse)
+#     q [B, H, Sq, d]; k, v [B, Hkv, Sk, d] (KV head j serves query heads j*g .. j*g+g-1, g = H / Hkv)
+#     causal: bottom-right aligned (query i sees keys 0 .. Sk - Sq + i); scale None means 1/sqrt(d)
+#     attention_mask None or [B, Sk] of 1 = key, 0 = padding
+#     out [B, H, Sq, d] in q's dtype; lse [B, H, Sq] float32, natural log (-inf where a row sees no key)
 CORES = {"naive": naive.core, "loop": loop.core, "tiled": tiled.core, "sdpa": sdpa.core}
 
 __all__ = ["IMPLEMENTATIONS", "CORES"]

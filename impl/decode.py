@@ -36,9 +36,10 @@ class KVCache:
 def step(core, x, weights, *, config, position_ids, cache: KVCache, layer: int = 0, attention_mask=None):
     """Attention for new tokens x (B, S_new, D) given the cache; appends to it. Returns (B, S_new, D).
 
-    core: an implementation's core(q, k, v, attention_mask) (impl.CORES); attention_mask [B, T + S_new] covers
-    the cached tokens and the new ones (1 = token, 0 = padding).
+    core: a kernel of the core contract (impl.CORES, impl/__init__.py); attention_mask [B, T + S_new] covers the
+    cached tokens and the new ones (1 = token, 0 = padding). Causal is bottom-right: the new tokens are the last.
     """
     q, k, v = project_qkv(x, weights, config, position_ids)  # (B, H, S_new, d), (B, Hkv, S_new, d) x2
     k, v = cache.append(layer, k, v)  # (B, Hkv, T + S_new, d)
-    return output(core(q, k, v, attention_mask), weights)  # (B, S_new, D)
+    ctx = core(q, k, v, causal=True, attention_mask=attention_mask)
+    return output(ctx[0] if isinstance(ctx, tuple) else ctx, weights)  # (B, S_new, D)

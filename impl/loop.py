@@ -14,13 +14,14 @@ from impl.projection import heads, rope_tables
 from impl.rope import apply_half
 
 
-def core(q, k, v, attention_mask=None):
-    """q (B, H, Sq, d), k/v (B, Hkv, Sk, d) -> context (B, H, Sq, d), one query head at a time (for decoding)."""
+def core(q, k, v, *, causal=True, scale=None, attention_mask=None):
+    """The core contract: q (B, H, Sq, d), k/v (B, Hkv, Sk, d) -> context (B, H, Sq, d), one query head at a time."""
     g = groups(q.shape[1], k.shape[1])
-    allowed = masks.build(q.shape[2], k.shape[2], attention_mask, q.device)[:, 0]  # (B|1, Sq, Sk)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    allowed = masks.build(q.shape[2], k.shape[2], attention_mask, q.device, is_causal=causal)[:, 0]  # (B|1, Sq, Sk)
     contexts = []
     for h in range(q.shape[1]):
-        scores = (q[:, h] @ k[:, h // g].transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # (B, Sq, Sk)
+        scores = (q[:, h] @ k[:, h // g].transpose(-2, -1)).float() * scale  # (B, Sq, Sk)
         probs = masks.masked_softmax(scores, allowed)  # (B, Sq, Sk)
         contexts.append(probs.to(v.dtype) @ v[:, h // g])  # (B, Sq, d)
     return torch.stack(contexts, dim=1)  # (B, H, Sq, d)

@@ -22,9 +22,12 @@ def padding(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask.bool()[:, None, None, :]
 
 
-def build(Sq: int, Sk: int, attention_mask: torch.Tensor | None = None, device=None) -> torch.Tensor:
-    """Causal and (optionally) padding: [1 or B, 1, Sq, Sk] bool."""
-    m = causal(Sq, Sk, device)[None, None]  # (1, 1, Sq, Sk)
+def build(
+    Sq: int, Sk: int, attention_mask: torch.Tensor | None = None, device=None, *, is_causal: bool = True
+) -> torch.Tensor:
+    """Causal (unless is_causal=False) and padding: [1 or B, 1, Sq, Sk] bool."""
+    m = causal(Sq, Sk, device) if is_causal else torch.ones(Sq, Sk, dtype=torch.bool, device=device)
+    m = m[None, None]  # (1, 1, Sq, Sk)
     if attention_mask is not None:
         m = m & padding(attention_mask.to(device))  # (B, 1, Sq, Sk)
     return m

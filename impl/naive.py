@@ -16,17 +16,17 @@ from impl.gqa import groups, repeat_kv
 from impl.projection import heads, output, project_qkv
 
 
-def core(q, k, v, attention_mask=None, *, stages=None):
-    """q (B, H, Sq, d), k/v (B, Hkv, Sk, d) -> context (B, H, Sq, d). Causal (bottom-right) + padding."""
+def core(q, k, v, *, causal=True, scale=None, attention_mask=None, stages=None):
+    """The core contract (impl/__init__.py): q (B, H, Sq, d), k/v (B, Hkv, Sk, d) -> context (B, H, Sq, d)."""
     H, Hkv, d = q.shape[1], k.shape[1], q.shape[-1]
     g = groups(H, Hkv)
     k, v = repeat_kv(k, g), repeat_kv(v, g)  # (B, H, Sk, d): KV head j -> query heads j*g .. j*g+g-1
 
     # 2. scores
-    scores = (q @ k.transpose(-2, -1)).float() * d**-0.5  # (B, H, Sq, Sk), float32
+    scores = (q @ k.transpose(-2, -1)).float() * (d**-0.5 if scale is None else scale)  # (B, H, Sq, Sk), float32
 
     # 3. mask and softmax (float32)
-    allowed = masks.build(q.shape[2], k.shape[2], attention_mask, q.device)  # (B|1, 1, Sq, Sk)
+    allowed = masks.build(q.shape[2], k.shape[2], attention_mask, q.device, is_causal=causal)  # (B|1, 1, Sq, Sk)
     probs = masks.masked_softmax(scores, allowed)  # (B, H, Sq, Sk)
 
     # 4. aggregation: weighted sum of values
@@ -44,7 +44,7 @@ def attention(x, weights, *, config, position_ids, attention_mask=None, return_i
     q, k, v = project_qkv(x, weights, config, position_ids)  # (B, H, S, d), (B, Hkv, S, d) x2
 
     stages = {"q": q, "k": k, "v": v} if return_intermediates else None
-    ctx = core(q, k, v, attention_mask, stages=stages)
+    ctx = core(q, k, v, attention_mask=attention_mask, stages=stages)
 
     out = output(ctx, weights)  # (B, S, D): merge heads, o_proj
     return (out, stages) if return_intermediates else out

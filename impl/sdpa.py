@@ -18,17 +18,18 @@ ORDER = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.
 last_backend: str | None = None  # which backend the last call used, e.g. "FLASH_ATTENTION+gqa"
 
 
-def core(q, k, v, attention_mask=None, *, order=ORDER):
-    """q (B, H, Sq, d), k/v (B, Hkv, Sk, d) -> (B, H, Sq, d); causal bottom-right + padding."""
+def core(q, k, v, *, causal=True, scale=None, attention_mask=None, order=ORDER):
+    """The core contract: q (B, H, Sq, d), k/v (B, Hkv, Sk, d) -> (B, H, Sq, d); causal bottom-right + padding."""
     global last_backend
     g = groups(q.shape[1], k.shape[1])
     Sq, Sk = q.shape[2], k.shape[2]
-    if attention_mask is None and Sq == Sk:
-        kw = {"is_causal": True}  # lets flash kernels skip blocks; no mask tensor at all
+    if attention_mask is None and (Sq == Sk or not causal):
+        kw = {"is_causal": causal}  # lets flash kernels skip blocks; no mask tensor at all
         allowed = None
     else:
-        allowed = masks.build(Sq, Sk, attention_mask, q.device)  # (B|1, 1, Sq, Sk) bool
+        allowed = masks.build(Sq, Sk, attention_mask, q.device, is_causal=causal)  # (B|1, 1, Sq, Sk) bool
         kw = {"attn_mask": allowed}
+    kw["scale"] = scale
     errors = []
     for backend in order:
         for gqa in (True, False) if g > 1 else (False,):
@@ -49,4 +50,4 @@ def core(q, k, v, attention_mask=None, *, order=ORDER):
 def attention(x, weights, *, config, position_ids, attention_mask=None):
     groups(*heads(config)[:2])
     q, k, v = project_qkv(x, weights, config, position_ids)  # (B, H, S, d), (B, Hkv, S, d) x2
-    return output(core(q, k, v, attention_mask), weights)  # (B, S, D)
+    return output(core(q, k, v, attention_mask=attention_mask), weights)  # (B, S, D)

@@ -42,7 +42,7 @@ BLOCK_K = 256  # keys per tile
 LOG2E = math.log2(math.e)
 
 
-def flash_forward(q, k, v, attention_mask=None, *, block_q=BLOCK_Q, block_k=BLOCK_K, causal=True):
+def flash_forward(q, k, v, attention_mask=None, *, block_q=BLOCK_Q, block_k=BLOCK_K, causal=True, scale=None):
     """q (B, H, Sq, d), k/v (B, Hkv, Sk, d) -> (out (B, H, Sq, d), lse (B, H, Sq) float32, natural log).
 
     Causal masks are bottom-right aligned (query i is key index Sk - Sq + i); attention_mask [B, Sk] marks
@@ -51,7 +51,7 @@ def flash_forward(q, k, v, attention_mask=None, *, block_q=BLOCK_Q, block_k=BLOC
     B, H, Sq, d = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     g = groups(H, Hkv)
-    scale = d**-0.5
+    scale = d**-0.5 if scale is None else scale
     offset = Sk - Sq
     f32 = q.dtype == torch.float32
     keep = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None  # (B, 1, 1, Sk)
@@ -106,13 +106,14 @@ def flash_forward(q, k, v, attention_mask=None, *, block_q=BLOCK_Q, block_k=BLOC
     return out, lse
 
 
-def core(q, k, v, attention_mask=None, *, block_q=BLOCK_Q, block_k=BLOCK_K):
-    return flash_forward(q, k, v, attention_mask, block_q=block_q, block_k=block_k)[0]
+def core(q, k, v, *, causal=True, scale=None, attention_mask=None, block_q=BLOCK_Q, block_k=BLOCK_K):
+    """The core contract: returns (out (B, H, Sq, d), lse (B, H, Sq) float32)."""
+    return flash_forward(q, k, v, attention_mask, block_q=block_q, block_k=block_k, causal=causal, scale=scale)
 
 
 def attention(x, weights, *, config, position_ids, attention_mask=None, block_q=BLOCK_Q, block_k=BLOCK_K):
     """The plug-in contract, with configurable block sizes."""
     groups(*heads(config)[:2])
     q, k, v = project_qkv(x, weights, config, position_ids)  # (B, H, S, d), (B, Hkv, S, d) x2
-    ctx = core(q, k, v, attention_mask, block_q=block_q, block_k=block_k)  # (B, H, S, d)
+    ctx, _ = core(q, k, v, attention_mask=attention_mask, block_q=block_q, block_k=block_k)  # (B, H, S, d)
     return output(ctx, weights)  # (B, S, D)

@@ -113,7 +113,7 @@ def left_padding_mask(Sk, pads):
 
 def check_core(q, k, v, mask=None, *, block_q, block_k, tag="f32", tol=F32_TOL):
     out, lse = tiled.flash_forward(q, k, v, mask, block_q=block_q, block_k=block_k)
-    ref_naive = naive.core(q, k, v, mask)
+    ref_naive = naive.core(q, k, v, attention_mask=mask)
     ref_out, ref_lse = exact(q, k, v, mask)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
@@ -198,7 +198,7 @@ def test_large_scores_stable(block):
     for m in (None, mask):
         out, lse = tiled.flash_forward(q, k, v, m, block_q=block[0], block_k=block[1])
         ref_out, ref_lse = exact(q, k, v, m)
-        nv = naive.core(q, k, v, m)
+        nv = naive.core(q, k, v, attention_mask=m)
         assert torch.isfinite(out).all()
         finite = torch.isfinite(ref_lse)
         assert torch.isfinite(lse[finite]).all() and torch.isneginf(lse[~finite]).all()
@@ -228,7 +228,7 @@ def test_half_precision(block, S, dtype):
     mask = left_padding_mask(S, [0, S // 2])
     for m in (None, mask):
         out, lse = tiled.flash_forward(q, k, v, m, block_q=block[0], block_k=block[1])
-        nv = naive.core(q, k, v, m)
+        nv = naive.core(q, k, v, attention_mask=m)
         ref_out, ref_lse = exact(q, k, v, m)
         assert out.dtype == dtype and torch.isfinite(out).all()
         e_tiled, e_naive = maxerr(out, ref_out), maxerr(nv, ref_out)
@@ -461,6 +461,6 @@ def test_large_scores_round_as_transformers_does(sc):
     module.num_key_value_groups = 2
     bias = torch.full((256, 256), torch.finfo(torch.float32).min).triu_(1)[None, None]  # causal, as HF builds it
     want = eager_attention_forward(module.eval(), q, k, v, bias, scaling=64**-0.5)[0].transpose(1, 2)  # (B, H, S, d)
-    err = float((tiled.core(q, k, v) - want).abs().max())
+    err = float((tiled.core(q, k, v)[0] - want).abs().max())
     note(f"tiled vs HF eager, scores x{sc} (f32)", err)
     assert err <= 1e-5, err
