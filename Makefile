@@ -61,7 +61,7 @@ bench-quick: $(STAMP)
 
 # docs/attention.png: layer 0's attention probabilities for a real prompt, ours vs transformers
 plot: $(STAMP)
-	$(PY) -m harness plot-attention --model $(MODEL)
+	$(PY) -m harness plot --model $(MODEL)
 
 # pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
 test: $(STAMP) $(SYNTH)

@@ -37,4 +37,11 @@ IMPLEMENTATIONS = {
 #     out [B, H, Sq, d] in q's dtype; lse [B, H, Sq] float32, natural log (-inf where a row sees no key)
 CORES = {"naive": naive.core, "loop": loop.core, "tiled": tiled.core, "sdpa": sdpa.core}
 
-__all__ = ["IMPLEMENTATIONS", "CORES"]
+
+
+def context_of(result):
+    """A core's result -> its output: cores return out or (out, lse)."""
+    return result[0] if isinstance(result, tuple) else result
+
+
+__all__ = ["IMPLEMENTATIONS", "CORES", "context_of"]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from impl import context_of
 from impl.projection import output, project_qkv
 
 
@@ -42,4 +43,4 @@ def step(core, x, weights, *, config, position_ids, cache: KVCache, layer: int =
     q, k, v = project_qkv(x, weights, config, position_ids)  # (B, H, S_new, d), (B, Hkv, S_new, d) x2
     k, v = cache.append(layer, k, v)  # (B, Hkv, T + S_new, d)
     ctx = core(q, k, v, causal=True, attention_mask=attention_mask)
-    return output(ctx[0] if isinstance(ctx, tuple) else ctx, weights)  # (B, S_new, D)
+    return output(context_of(ctx), weights)  # (B, S_new, D)

@@ -3,15 +3,12 @@
 
     python scripts/extract.py --source SRC [--layer N] [--out DIR] [--prompt TEXT] [--force]
 
-See `--help` and the README for the sources and the fixture format.
+The same program as `attention-verify extract` (harness/fixtures/extract.py); `make setup` installs the package.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from harness.extract import cli  # noqa: E402
+from harness.fixtures.extract import cli
 
 if __name__ == "__main__":
     sys.exit(cli())

@@ -16,27 +16,28 @@ import pytest
 import torch
 from conftest import one_line_error, run
 
-from harness import bench
+from harness.bench import cases, meter, plan, report
+from harness.bench import run as bench_run
 
 F = 4  # float32 bytes
 
 
 def test_traffic_of_known_ops():
     a, b = torch.ones(64, 32), torch.ones(32, 16)
-    m, _ = bench.meter_call(lambda: a @ b)
+    m, _ = meter.meter_call(lambda: a @ b)
     assert (m.traffic, m.ops) == (F * (64 * 32 + 32 * 16 + 64 * 16), 1)
-    m, _ = bench.meter_call(lambda: (a.t(), a[:, :8], a.view(32, 64), a.transpose(0, 1).unsqueeze(0)))
+    m, _ = meter.meter_call(lambda: (a.t(), a[:, :8], a.view(32, 64), a.transpose(0, 1).unsqueeze(0)))
     assert (m.traffic, m.ops) == (0, 0)  # views move no data
     c = torch.ones(1000)
-    m, _ = bench.meter_call(lambda: c.mul_(2))
+    m, _ = meter.meter_call(lambda: c.mul_(2))
     assert m.traffic == 2 * F * 1000  # in place: read and write
     dst, src = torch.empty(1000), torch.ones(1000)
-    m, _ = bench.meter_call(lambda: dst.copy_(src))
+    m, _ = meter.meter_call(lambda: dst.copy_(src))
     assert m.traffic == 2 * F * 1000  # read src, write dst (dst is not read)
     row = torch.ones(1, 16)
-    m, _ = bench.meter_call(lambda: a[:, :16] + row.expand(64, 16))
+    m, _ = meter.meter_call(lambda: a[:, :16] + row.expand(64, 16))
     assert m.traffic == F * (64 * 16 + 16 + 64 * 16)  # the broadcast row is read once
-    m, _ = bench.meter_call(lambda: torch.empty(1000))
+    m, _ = meter.meter_call(lambda: torch.empty(1000))
     assert m.traffic == 0  # allocation writes nothing
 
 
@@ -49,10 +50,10 @@ def test_tensor_peak_counts_what_is_alive_at_once():
         return z
 
     for device in ("cpu", "meta"):
-        m, _ = bench.meter_call(lambda device=device: f(device))
+        m, _ = meter.meter_call(lambda device=device: f(device))
         assert m.tensor_peak == 2 * F * 1000, device
     x = torch.ones(1000)
-    m, _ = bench.meter_call(lambda: x.mul_(3))
+    m, _ = meter.meter_call(lambda: x.mul_(3))
     assert m.tensor_peak == 0  # inputs and in-place results are not new memory
 
 
@@ -60,22 +61,22 @@ def test_tensor_peak_counts_what_is_alive_at_once():
 def test_meta_prediction_equals_the_real_run(name):
     """What the bench reports for configurations that cannot run is computed on the meta device: it must be
     what the real run counts."""
-    cfg = bench.llama_config()
-    s = bench.shape_of(cfg)
-    real, _ = bench.meter_call(bench.make_case(name, s, 300, cfg).fn)
-    pred = bench.predict(name, s, 300, cfg)
+    cfg = cases.llama_config()
+    s = cases.shape_of(cfg)
+    real, _ = meter.meter_call(cases.make_case(name, s, 300, cfg).fn)
+    pred = plan.predict(name, s, 300, cfg)
     print(f"{name}: real traffic {real.traffic} peak {real.tensor_peak}; meta {pred.traffic} {pred.tensor_peak}")
     assert (pred.traffic, pred.tensor_peak, pred.ops) == (real.traffic, real.tensor_peak, real.ops)
     assert real.tensor_peak > F * s.H * 300 * s.d  # at least the output
 
 
 def test_naive_traffic_is_quadratic_and_tiled_tiles_round_trip_but_sdpa_does_not():
-    cfg = bench.llama_config()
-    s = bench.shape_of(cfg)
+    cfg = cases.llama_config()
+    s = cases.shape_of(cfg)
     t = {}
     for name in ("naive", "tiled", "sdpa"):
         for n in (512, 1024):
-            t[name, n], _ = bench.meter_call(bench.make_case(name, s, n, cfg).fn)
+            t[name, n], _ = meter.meter_call(cases.make_case(name, s, n, cfg).fn)
     assert t["naive", 1024].traffic > 3.5 * t["naive", 512].traffic  # Theta(N^2)
     assert t["tiled", 1024].traffic > 3 * t["tiled", 512].traffic  # tiles written and read: still Theta(N^2)
     q_k_v_o = F * 1024 * s.d * (2 * s.H + 2 * s.Hkv)
@@ -85,31 +86,31 @@ def test_naive_traffic_is_quadratic_and_tiled_tiles_round_trip_but_sdpa_does_not
 
 
 def test_every_case_computes_transformers_attention():
-    cfg = bench.llama_config()
-    s = bench.shape_of(cfg)
+    cfg = cases.llama_config()
+    s = cases.shape_of(cfg)
     n = 200
-    want = bench.make_case("hf_eager", s, n, cfg, seed=3).fn()  # (B, S, H, d)
+    want = cases.make_case("hf_eager", s, n, cfg, seed=3).fn()  # (B, S, H, d)
     for name in ("naive", "loop", "tiled", "sdpa"):
-        got = bench.make_case(name, s, n, cfg, seed=3).fn().transpose(1, 2)  # (B, S, H, d)
+        got = cases.make_case(name, s, n, cfg, seed=3).fn().transpose(1, 2)  # (B, S, H, d)
         err = float((got - want).abs().max())
         print(f"{name} vs HF eager (bench inputs, seq {n}): max |diff| {err:.2e}")
         assert err < 1e-4, (name, err)
-    got = bench.make_case("hf_sdpa", s, n, cfg, seed=3).fn()
+    got = cases.make_case("hf_sdpa", s, n, cfg, seed=3).fn()
     assert float((got - want).abs().max()) < 1e-4
     with torch.no_grad():
-        a = bench.make_case("layer_tiled", s, n, cfg, seed=4).fn()
-        b = bench.make_case("layer_hf", s, n, cfg, seed=4).fn()
+        a = cases.make_case("layer_tiled", s, n, cfg, seed=4).fn()
+        b = cases.make_case("layer_hf", s, n, cfg, seed=4).fn()
     err = float((a - b).abs().max())
     print(f"layer_tiled vs LlamaAttention: max |diff| {err:.2e}")
     assert a.shape == (1, n, s.D) and err < 1e-4
 
 
-@pytest.mark.skipif(not bench._can_reset_hwm(), reason="needs Linux /proc/self/clear_refs (VmHWM reset)")
+@pytest.mark.skipif(not meter._can_reset_hwm(), reason="needs Linux /proc/self/clear_refs (VmHWM reset)")
 def test_peak_rss_sees_an_allocation():
-    big = bench.Case("big", lambda: torch.ones(50 * 2**20), 0.0)  # 200 MiB, written
-    small = bench.Case("small", lambda: torch.ones(1000), 0.0)
-    _, peak_big, m = bench.measure(big, 1, hwm=True)
-    _, peak_small, _ = bench.measure(small, 1, hwm=True)
+    big = cases.Case("big", lambda: torch.ones(50 * 2**20), 0.0)  # 200 MiB, written
+    small = cases.Case("small", lambda: torch.ones(1000), 0.0)
+    _, peak_big, m = bench_run.measure(big, 1, hwm=True)
+    _, peak_small, _ = bench_run.measure(small, 1, hwm=True)
     print(f"peak RSS: 200 MiB call -> {peak_big / 2**20:.0f} MiB, 4 KB call -> {peak_small / 2**20:.1f} MiB")
     assert 0.95 * 200 * 2**20 <= peak_big <= 1.2 * 200 * 2**20
     assert m.tensor_peak == 200 * 2**20
@@ -117,27 +118,27 @@ def test_peak_rss_sees_an_allocation():
 
 
 def test_io_model_and_flops():
-    s = bench.Shape(H=32, Hkv=8, d=64, D=2048)
-    naive, tiled = bench.io_model(s, 4096)
+    s = cases.Shape(H=32, Hkv=8, d=64, D=2048)
+    naive, tiled = cases.io_model(s, 4096)
     assert naive == 4 * 32 * (4 * 4096 * 64 + 4 * 4096**2)
-    n1, t1 = bench.io_model(s, 16384)
-    n2, t2 = bench.io_model(s, 32768)
+    n1, t1 = cases.io_model(s, 16384)
+    n2, t2 = cases.io_model(s, 32768)
     assert 3.9 < n2 / n1 <= 4 and 3.8 < t2 / t1 < 4.2  # both Theta(N^2) at these N, ...
     assert naive / tiled > 3  # ... but the standard form moves several times more
-    assert bench.io_model(s, 4096, sram=4 * 227 * 1024)[1] < tiled  # more on-chip memory, less traffic
+    assert cases.io_model(s, 4096, sram=4 * 227 * 1024)[1] < tiled  # more on-chip memory, less traffic
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = bench.llama_config()
+    cfg = cases.llama_config()
     with FlopCounterMode(display=False) as fc:
-        bench.make_case("naive", s, 128, cfg).fn()  # computes every (query, key) pair, masked or not
+        cases.make_case("naive", s, 128, cfg).fn()  # computes every (query, key) pair, masked or not
     assert fc.get_total_flops() == 4 * 32 * 64 * 128 * 128
-    assert bench.core_flops(s, 128) == 4 * 32 * 64 * 128 * 129 / 2
+    assert cases.core_flops(s, 128) == 4 * 32 * 64 * 128 * 129 / 2
 
 
 @pytest.mark.slow  # 10 s: roofline, runs, matplotlib (keeps make test-fast under 2 min)
 def test_cli_rows_json_and_plot(tmp_path, monkeypatch):
     out, png = tmp_path / "b.json", tmp_path / "b.png"
-    rc = bench.main(["--seq", "128,256", "--impl", "tiled,sdpa,naive", "--runs", "2", "--json", str(out),
+    rc = report.main(["--seq", "128,256", "--impl", "tiled,sdpa,naive", "--runs", "2", "--json", str(out),
                      "--plot", str(png)])  # (--runs below 5 only to keep the test short)
     assert rc == 0
     rows = json.loads(out.read_text())
@@ -153,9 +154,9 @@ def test_cli_rows_json_and_plot(tmp_path, monkeypatch):
 
 @pytest.mark.slow  # 3 s each (keeps make test-fast under 2 min)
 def test_what_cannot_run_is_computed_and_labelled(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "_meminfo", lambda key: 3 * 10**6)  # "3 MB free": naive's scores do not fit
+    monkeypatch.setattr(plan, "_meminfo", lambda key: 3 * 10**6)  # "3 MB free": naive's scores do not fit
     out = tmp_path / "b.json"
-    assert bench.main(["--seq", "256", "--impl", "naive,sdpa", "--runs", "1", "--json", str(out)]) == 0
+    assert report.main(["--seq", "256", "--impl", "naive,sdpa", "--runs", "1", "--json", str(out)]) == 0
     naive, sdpa = json.loads(out.read_text())
     assert naive["ran"] is False and naive["median_s"] is None
     assert naive["peak_bytes"] >= F * 32 * 256 * 256 and naive["peak_method"].startswith("computed")
@@ -166,7 +167,7 @@ def test_what_cannot_run_is_computed_and_labelled(tmp_path, monkeypatch):
 @pytest.mark.slow  # 10 s: roofline, runs, matplotlib (keeps make test-fast under 2 min)
 def test_time_budget_skips_and_says_so(tmp_path):
     out = tmp_path / "b.json"
-    assert bench.main(["--seq", "128,1024", "--impl", "naive", "--runs", "1", "--max-config-s", "0.001",
+    assert report.main(["--seq", "128,1024", "--impl", "naive", "--runs", "1", "--max-config-s", "0.001",
                        "--json", str(out)]) == 0
     small, big = json.loads(out.read_text())
     assert small["ran"] and not big["ran"] and "--max-config-s" in big["reason"]
@@ -180,7 +181,7 @@ def test_time_budget_skips_and_says_so(tmp_path):
 )
 def test_bad_arguments_one_line_exit_2(args, says, capsys):
     with pytest.raises(SystemExit) if args == ["--bogus"] else contextlib.nullcontext():
-        assert bench.cli(args) == 2
+        assert report.cli(args) == 2
     assert says in one_line_error(capsys.readouterr().err)
 
 
@@ -198,8 +199,8 @@ def test_replot_redraws_from_json_and_rejects_other_files(tmp_path, capsys):
              "cpu": "x", "threads": 2, "torch": "2", "matmul_gflops": 100.0}]
     src, png = tmp_path / "rows.json", tmp_path / "p.png"
     src.write_text(json.dumps(rows))
-    assert bench.main(["--replot", str(src), "--plot", str(png)]) == 0
+    assert report.main(["--replot", str(src), "--plot", str(png)]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
     (tmp_path / "bad.json").write_text('{"not": "rows"}')
-    assert bench.cli(["--replot", str(tmp_path / "bad.json"), "--plot", str(png)]) == 2
+    assert report.cli(["--replot", str(tmp_path / "bad.json"), "--plot", str(png)]) == 2
     assert "--replot" in one_line_error(capsys.readouterr().err)

@@ -14,9 +14,9 @@ import torch
 from conftest import ROOT, SMALL, one_line_error, run
 from plugins import broken
 
-from harness import e2e
-from harness.errors import UserError, run_cli
-from harness.model import load_model
+from harness.common import UserError, run_cli
+from harness.e2e import run as e2e
+from harness.e2e.model import load_model
 from impl import CORES, IMPLEMENTATIONS
 
 QUIET = {"log": lambda *_: None}
@@ -101,8 +101,8 @@ def test_non_causal_plugin_is_generated_for_real(tiny):
     rows = [e2e.encode_prompt(tiny.tokenizer, p) for p in SHORT_PROMPTS]
     ids, mask, _ = e2e.left_pad(rows, 0)
     ref_tokens, _ = e2e.hf_generate(tiny.lm, ids, mask, n)
-    real = real_greedy(tiny, broken.no_causal_mask, SHORT_PROMPTS, n)
-    results = e2e.run_e2e(tiny, broken.no_causal_mask, None, SHORT_PROMPTS, n)
+    real = real_greedy(tiny, broken.causal_missing, SHORT_PROMPTS, n)
+    results = e2e.run_e2e(tiny, broken.causal_missing, None, SHORT_PROMPTS, n)
     for b, r in enumerate(results):
         assert not r.passed
         assert r.tokens_equal == torch.equal(real[b], ref_tokens[b])
@@ -219,7 +219,7 @@ def test_hub_model_download_and_gated(tiny_dir, hf_env, monkeypatch):
 
 def test_smollm2_cache_is_written_atomically(tmp_path, monkeypatch):
     """An interrupted dequantization leaves nothing behind, so the next run starts clean."""
-    from harness import model as M
+    from harness.e2e import model as M
 
     monkeypatch.setenv("ATTN_HARNESS_CACHE", str(tmp_path / "cache"))
 
@@ -262,7 +262,7 @@ def test_smollm2_every_builtin_reproduces_hf(smol, name):
 def test_smollm2_cache_matches_the_committed_fixture(smol):
     """Two independent dequantizations agree: transformers' (the cached model) and the gguf library's (with our
     q/k un-permutation) that made fixtures/smollm2-135m."""
-    from harness.fixture import WEIGHT_NAMES, load_fixture
+    from harness.fixtures.format import WEIGHT_NAMES, load_fixture
 
     f = load_fixture("smollm2-135m")
     attn = smol.layers[f.layer].self_attn
@@ -275,7 +275,7 @@ def test_smollm2_cli_broken_plugin_fails(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("What is the capital of France?\n")
     out = tmp_path / "e2e.json"
-    p = run(["-m", "harness", "e2e", "--impl", "tests/plugins/broken.py:interleaved_rope",
+    p = run(["-m", "harness", "e2e", "--impl", "tests/plugins/broken.py:rope_interleaved",
              "--prompts", str(prompts), "--tokens", "8", "--json", str(out)])  # fmt: skip
     assert p.returncode == 1, p.stdout + p.stderr
     assert "tokens differ for: What is the capital of France?" in p.stdout and "Traceback" not in p.stderr
@@ -286,7 +286,7 @@ def test_smollm2_cli_broken_plugin_fails(tmp_path):
 @pytest.mark.parametrize("impl", ["naive", "tiled"])
 def test_plot_attention_probabilities_match_hf(impl, smol):
     """naive's stage-3 probabilities, and tiled's rebuilt from its log-sum-exp, equal HF eager's attn_weights."""
-    from harness import plot
+    from harness.e2e import plot
 
     ids = smol.tokenizer(plot.DEFAULT_PROMPT, return_tensors="pt")["input_ids"]
     x, pos, w, ref = plot.layer_input(smol, ids, 0)

@@ -9,8 +9,8 @@ import pytest
 from conftest import one_line_error
 from hubmock import MockHub
 
-from harness import fixture as fx
-from harness.extract import cli, extract
+from harness.fixtures import format as fx
+from harness.fixtures.extract import cli, extract
 
 REPO = "meta-llama/Llama-3.2-1B"
 QUIET = {"log": lambda *_: None}

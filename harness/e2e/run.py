@@ -27,11 +27,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from harness.errors import Parser, UserError
-from harness.fixture import WEIGHT_NAMES
-from harness.output import write_json
+from harness.common import Parser, UserError, write_json
+from harness.e2e.swap import swapped
 
 # 1e-3 of the logit scale (max |logit| of the reference at that prompt). Measured on SmolLM2-135M (30 layers),
 # float32: the built-ins differ from HF eager by at most about 1e-5 of the scale, and HF's own sdpa path by about
@@ -46,66 +44,6 @@ DEFAULT_PROMPTS = (
     "Gustave Eiffel, whose company built it from 1887 to 1889 as the centrepiece of the 1889 World's Fair. At first "
     "criticised by some of France's leading artists, it has become a global icon of France. It is 330 metres tall.",
 )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# swapping: a module that stands in for one layer's self_attn
-
-
-class Swapped(nn.Module):
-    """One layer's self_attn, computed by an implementation with that layer's own weights.
-
-    mode "contract": fn(x, weights, config=, position_ids=, attention_mask=) on the whole sequence so far (the
-                     contract has no cache); only the new rows of its output are returned.
-    mode "kv":       impl.decode.step(core, ...) with the project's KV cache: only the new tokens are projected.
-    The padding mask [B, T + S_new] (1 = token, 0 = padding) comes from the run (HF passes its own 4-D form).
-    """
-
-    def __init__(self, hf_attn: nn.Module, layer: int, run: swapped):
-        super().__init__()
-        self.layer, self.run = layer, run
-        self.weights = {n: getattr(hf_attn, n).weight.detach() for n in WEIGHT_NAMES}
-        self.xs = self.pos = None  # contract mode: the inputs seen so far, (B, T, D) and (B, T)
-
-    def forward(self, hidden_states, position_ids=None, **_):
-        run, x, pos = self.run, hidden_states, position_ids  # (B, S_new, D), (B, S_new)
-        if run.mode == "kv":
-            from impl import decode
-
-            out = decode.step(run.fn, x, self.weights, config=run.config, position_ids=pos, cache=run.cache,
-                              layer=self.layer, attention_mask=run.mask)  # fmt: skip
-            return out, None
-        if self.xs is not None:
-            x = torch.cat((self.xs, x), dim=1)  # (B, T + S_new, D)
-            pos = torch.cat((self.pos, pos), dim=1)  # (B, T + S_new)
-        self.xs, self.pos = x, pos
-        out = run.fn(x, self.weights, config=run.config, position_ids=pos, attention_mask=run.mask)
-        if not torch.is_tensor(out) or out.shape != x.shape:
-            got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-            raise UserError(f"the implementation returned {got}, expected {tuple(x.shape)} (see the plug-in contract)")
-        return out[:, -hidden_states.shape[1] :], None  # (B, S_new, D): the new rows only
-
-
-class swapped:
-    """Context manager: every layer's self_attn replaced by a Swapped; the originals restored on exit."""
-
-    def __init__(self, model, fn, mode: str = "contract"):
-        from impl.decode import KVCache
-
-        self.model, self.fn, self.mode, self.config = model, fn, mode, model.config
-        self.cache = KVCache() if mode == "kv" else None
-        self.mask = None  # set by greedy() before every forward; None when nothing is padded
-
-    def __enter__(self):
-        self.orig = [layer.self_attn for layer in self.model.layers]
-        for i, layer in enumerate(self.model.layers):
-            layer.self_attn = Swapped(self.orig[i], i, self)
-        return self
-
-    def __exit__(self, *exc):
-        for layer, attn in zip(self.model.layers, self.orig, strict=True):
-            layer.self_attn = attn
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -376,12 +314,12 @@ def report(model, impl: str, results: list[PromptResult], n: int, log=print) -> 
 
 
 def main(argv=None) -> int:
-    from harness.model import DEFAULT_MODEL, load_model
-    from harness.verify import resolve_impl
+    from harness.e2e.model import DEFAULT_MODEL, load_model
+    from harness.verify.plugins import resolve_impl
     from impl import CORES
 
     p = Parser(
-        prog="python -m harness e2e",
+        prog="attention-verify e2e",
         description="Swap an attention implementation into every layer of a real model; compare logits and "
         "greedy tokens with transformers.",
     )

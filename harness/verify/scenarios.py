@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.fixture import Fixture
+from harness.fixtures.format import Fixture
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,10 @@ from pathlib import Path
 
 import torch
 
-from harness.errors import UserError
-from harness.sources.base import normalize_config
+from harness.common import UserError
+from harness.fixtures.sources.base import normalize_config
 
 DEFAULT_MODEL = "smollm2-135m"
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
 
 
 @dataclass
@@ -93,7 +92,7 @@ def _smollm2_cached(log) -> Path:
     """The dequantized SmolLM2 directory in the cache, made on first use."""
     import transformers
 
-    from harness.sources.gguf_file import smollm2_path
+    from harness.fixtures.sources.gguf_file import smollm2_path
 
     gguf = smollm2_path()
     key = f"smollm2-135m-{gguf.stat().st_size}-transformers-{transformers.__version__}"
@@ -139,34 +138,20 @@ def _hub_snapshot(spec: str) -> Path:
     """hf:OWNER/NAME[@REV] -> the snapshot directory in the HF cache, downloading what is missing (HF_TOKEN,
     HF_ENDPOINT and HF_HUB_OFFLINE honoured): config, generation config, the safetensors weights (sharded or not)
     and the tokenizer files. File by file with hf_hub_download, so every file is pinned to one commit."""
-    from huggingface_hub import errors as E
-    from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import logging as hf_logging
 
-    from harness.sources.hub import endpoint, explain, offline, offline_error
+    from harness.fixtures.sources.base import TOKENIZER_FILES
+    from harness.fixtures.sources.hub import download
 
     repo, _, revision = spec.partition("@")
     if not repo or repo.count("/") != 1:
         raise UserError(f"hf:{spec}: expected hf:OWNER/NAME[@REV], e.g. hf:meta-llama/Llama-3.2-1B-Instruct")
-    local = "or pass a local directory with --model DIR"
     hf_logging.set_verbosity_error()  # its retry warnings would break the one-line error; the error says it all
 
     def fetch(filename: str, optional: bool = False) -> Path | None:
-        try:
-            return Path(hf_hub_download(repo, filename, revision=revision or None, endpoint=endpoint(),
-                                        local_files_only=offline()))  # fmt: skip
-        except E.LocalEntryNotFoundError as e:  # not in the cache, and offline or the Hub could not be asked
-            if optional:
-                return None
-            if offline():
-                raise offline_error(repo, local) from None
-            raise explain(e.__cause__ or e, repo, endpoint(), filename, local) from None
-        except E.EntryNotFoundError as e:  # the Hub says the file does not exist
-            if optional:
-                return None
-            raise explain(e, repo, endpoint(), filename, local) from None
-        except Exception as e:  # noqa: BLE001 - huggingface_hub's errors -> one line with the fix
-            raise explain(e, repo, endpoint(), filename, local) from None
+        path = download(repo, filename, revision=revision or None, optional=optional,
+                        local="or pass a local directory with --model DIR")  # fmt: skip
+        return Path(path) if path else None
 
     config = fetch("config.json")
     normalize_config(json.loads(config.read_text()), f"hf:{repo}: config.json")  # refuse non-Llama before weights
@@ -176,6 +161,6 @@ def _hub_snapshot(spec: str) -> Path:
             fetch(shard)
     else:
         fetch("model.safetensors")
-    for name in ["generation_config.json"] + TOKENIZER_FILES:
+    for name in ("generation_config.json", *TOKENIZER_FILES):
         fetch(name, optional=True)
     return config.parent

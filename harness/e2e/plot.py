@@ -15,12 +15,10 @@ from pathlib import Path
 
 import torch
 
-from harness.errors import Parser, UserError
-from harness.fixture import WEIGHT_NAMES
-from harness.output import write_atomic
+from harness.common import DOCS, ROOT, Parser, UserError, write_atomic
+from harness.fixtures.format import WEIGHT_NAMES
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = ROOT / "docs" / "attention.png"
+DEFAULT_OUT = DOCS / "attention.png"
 DEFAULT_PROMPT = "The Eiffel Tower is in Paris, and the Colosseum is in Rome."
 IMPLS = ("naive", "tiled")
 
@@ -102,10 +100,10 @@ def draw(ours, ref, labels: list[str], heads: list[int], title: str):
 
 
 def main(argv=None) -> int:
-    from harness.model import DEFAULT_MODEL, load_model
+    from harness.e2e.model import DEFAULT_MODEL, load_model
 
     p = Parser(
-        prog="python -m harness plot-attention",
+        prog="attention-verify plot",
         description="Draw one layer's attention probabilities for a real prompt: ours, HF's, and their difference.",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m (default), hf:OWNER/NAME[@REV], or a directory")

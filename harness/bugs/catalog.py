@@ -1,0 +1,380 @@
+"""The catalog of attention bugs: one entry per bug, each the textbook pipeline (pipeline.py) with one step written
+the way people actually get it wrong.
+
+An entry is the single source for everything that knows the bug: the mutation suite runs it (mutants.py), the
+tests pick it by name, and, unless it is held out, the diagnosis uses it as a suspect (its steps re-run in float64
+on the failing inputs; a match names `stage` with `hint`). Held-out entries are never seen by the diagnosis: the
+mutation suite scores them apart, so its held-out figure measures how the diagnosis does on bugs it was not
+written for.
+
+Hints may use {d}, {D}, {sqrt_d}, {inv_sqrt_d}, {inv_sqrt_D}, {factor}, {theta} (from the fixture's config).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from harness.bugs.pipeline import _rot, acc, layer, tables
+from impl import masks, rope
+from impl.decode import KVCache, step
+from impl.gqa import repeat_kv
+from impl.projection import merge_heads
+
+STAGES = (
+    "projection",
+    "head_layout",
+    "gqa",
+    "rope",
+    "rope_frequencies",
+    "scale",
+    "causal_mask",
+    "padding_mask",
+    "softmax",
+    "tiling",
+    "output_projection",
+    "nonfinite",
+    "unknown",
+)
+
+
+def always(config: dict) -> bool:
+    return True
+
+
+def grouped(config: dict) -> bool:
+    """The query-to-KV-head mapping only shows with 1 < Hkv < H."""
+    return 1 < config["num_key_value_heads"] < config["num_attention_heads"]
+
+
+def llama3(config: dict) -> bool:
+    return config["rope_parameters"].get("rope_type") == "llama3"
+
+
+def square_o(config: dict) -> bool:
+    """o_proj transposed only has the right shape when hidden_size == H * head_dim."""
+    H = config["num_attention_heads"]
+    return config["hidden_size"] == H * (config.get("head_dim") or config["hidden_size"] // H)
+
+
+@dataclass(frozen=True)
+class Bug:
+    name: str
+    stage: str  # the stage the diagnosis should name (STAGES)
+    bug: str  # the mistake, in one line
+    hint: str  # what to fix, in the user's terms (said when the diagnosis matches this entry as a suspect)
+    steps: dict = field(default_factory=dict)  # pipeline steps it replaces
+    fn: Callable | None = field(default=None, repr=False)  # a whole layer instead (bugs outside the pipeline)
+    held_out: bool = False  # never used by the diagnosis
+    shows: Callable[[dict], bool] = field(default=always, repr=False)  # configs on which the bug can show at all
+
+    def layer(self) -> Callable:
+        """The bug as a plug-in of the layer contract."""
+        return self.fn or layer(**self.steps)
+
+    def hint_for(self, config: dict) -> str:
+        d = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        D, rp = config["hidden_size"], config["rope_parameters"]
+        return self.hint.format(d=d, D=D, sqrt_d=math.sqrt(d), inv_sqrt_d=d**-0.5, inv_sqrt_D=D**-0.5,
+                                factor=rp.get("factor", 1.0), theta=rp.get("rope_theta"))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the mistakes, as written by someone in a hurry
+
+
+def split_no_transpose(t, n, d):
+    B, S, _ = t.shape
+    return t.view(B, n, S, d)  # the transpose forgotten: each "head" is a slab of the flat buffer
+
+
+def project_v_with_k(x, w, name, n, d, split):
+    return split(x @ w["k_proj" if name == "v_proj" else name].T, n, d)  # copy-paste: v from k_proj
+
+
+def rotate_interleaved(q, k, v, cos, sin):  # GPT-J / Meta pairing on HF-ordered (half-split) weights
+    return _rot(q, cos, sin, rope.apply_interleaved), _rot(k, cos, sin, rope.apply_interleaved), v
+
+
+def rotate_wrong_sign(q, k, v, cos, sin):
+    def backwards(x, c, s):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * c[:, None] + torch.cat((x2, -x1), dim=-1) * s[:, None]  # cat(x2, -x1) instead of cat(-x2, x1)
+
+    return _rot(q, cos, sin, backwards), _rot(k, cos, sin, backwards), v
+
+
+def rotate_q_only(q, k, v, cos, sin):
+    return _rot(q, cos, sin), k, v
+
+
+def rotate_v_too(q, k, v, cos, sin):
+    return _rot(q, cos, sin), _rot(k, cos, sin), _rot(v, cos, sin)
+
+
+def tables_arange(config, position_ids, dtype):
+    B, S = position_ids.shape
+    return tables(config, torch.arange(S).expand(B, S), dtype)  # "positions are just 0..S-1"
+
+
+def tables_no_llama3(config, position_ids, dtype):
+    rp = config["rope_parameters"]
+    plain = {**config, "rope_parameters": {"rope_type": "default", "rope_theta": rp["rope_theta"]}}
+    return tables(plain, position_ids, dtype)  # theta only: the llama3 rescaling of long wavelengths skipped
+
+
+def tables_factor8(config, position_ids, dtype):
+    rp = config["rope_parameters"]
+    if rp.get("rope_type") == "llama3":
+        config = {**config, "rope_parameters": {**rp, "factor": 8.0}}  # hard-coded 8, as in Meta's reference code
+    return tables(config, position_ids, dtype)
+
+
+def tables_theta_10000(config, position_ids, dtype):
+    rp = config["rope_parameters"]
+    return tables({**config, "rope_parameters": {**rp, "rope_theta": 10000.0}}, position_ids, dtype)  # Llama-2's
+
+
+def tables_bf16_angles(config, position_ids, dtype):
+    inv, scaling = rope.inv_freq(config)
+    ang = position_ids.to(torch.bfloat16)[..., None] * inv.to(torch.bfloat16)  # (B, S, d/2) in bfloat16
+    emb = torch.cat((ang, ang), dim=-1).to(dtype)  # (B, S, d)
+    return emb.cos() * scaling, emb.sin() * scaling
+
+
+def expand_tiled(k, g):
+    return k.repeat(1, g, 1, 1)  # (B, g*Hkv, S, d): query head h gets KV head h % Hkv, not h // g
+
+
+def expand_first_head(k, g):
+    return k[:, :1].expand(-1, k.shape[1] * g, -1, -1)  # every query head reads KV head 0 (an MQA habit)
+
+
+def scores_unscaled(q, k, d):
+    return (q @ k.transpose(-2, -1)).to(acc(q))
+
+
+def scores_hidden_scale(q, k, d):
+    D = q.shape[1] * d  # hidden_size = H * d
+    return (q @ k.transpose(-2, -1)).to(acc(q)) / D**0.5
+
+
+def scores_over_d(q, k, d):
+    return (q @ k.transpose(-2, -1)).to(acc(q)) / d  # 1/d, not 1/sqrt(d)
+
+
+def aggregate_scaled(probs, v):
+    return (probs * v.shape[-1] ** -0.5).to(v.dtype) @ v  # the 1/sqrt(d) landed on the probabilities
+
+
+def softmax_over_queries(s, allowed):
+    s = s.masked_fill(~allowed, float("-inf"))
+    e = torch.exp(s - s.amax(dim=-2, keepdim=True).clamp(min=-1e30))
+    return e / e.sum(dim=-2, keepdim=True).clamp(min=1e-30)  # dim=-2: normalised over the queries
+
+
+def softmax_half(s, allowed):
+    p = masks.masked_softmax(s.half(), allowed)  # "fp16 is enough for probabilities" (mixed-precision habit)
+    return p.to(s.dtype)
+
+
+def softmax_nan_rows(s, allowed):
+    return torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)  # an all -inf row -> NaN
+
+
+def softmax_no_max(s, allowed):
+    e = torch.exp(s) * allowed  # the max is never subtracted: exp overflows once scores reach ~89 (float32)
+    return e / e.sum(dim=-1, keepdim=True).clamp(min=1e-30)
+
+
+def allowed_no_causal(Sq, Sk, attention_mask):
+    m = torch.ones(1, 1, Sq, Sk, dtype=torch.bool)
+    return m & masks.padding(attention_mask) if attention_mask is not None else m
+
+
+def allowed_strict(Sq, Sk, attention_mask):
+    m = torch.ones(Sq, Sk, dtype=torch.bool).tril(-1)[None, None]  # tril(-1): each token hidden from itself
+    return m & masks.padding(attention_mask) if attention_mask is not None else m
+
+
+def allowed_sees_next(Sq, Sk, attention_mask):
+    m = torch.ones(Sq, Sk, dtype=torch.bool).tril(1)[None, None]  # tril(1): one future token visible
+    return m & masks.padding(attention_mask) if attention_mask is not None else m
+
+
+def allowed_no_padding(Sq, Sk, attention_mask):
+    return masks.causal(Sq, Sk)[None, None]  # attention_mask never used
+
+
+def allowed_padding_inverted(Sq, Sk, attention_mask):
+    m = masks.causal(Sq, Sk)[None, None]
+    return m & (attention_mask == 0)[:, None, None, :] if attention_mask is not None else m  # 1 read as "masked"
+
+
+def allowed_padding_on_queries(Sq, Sk, attention_mask):
+    m = masks.causal(Sq, Sk)[None, None]  # the padding mask broadcast over the query axis, not the key axis
+    return m & attention_mask.bool()[:, None, :, None] if attention_mask is not None else m
+
+
+def output_transposed(ctx, w):
+    return merge_heads(ctx) @ w["o_proj"]  # nn.Linear stores [out, in]: this needs .T
+
+
+def flash(q, k, v, attention_mask=None, *, bug: str, block: int = 128):
+    """A FlashAttention-2 forward (square blocks, causal) with one of its classic bugs."""
+    B, H, S, d = q.shape
+    g = H // k.shape[1]
+    k, v = repeat_kv(k, g), repeat_kv(v, g)  # (B, H, S, d)
+    f = acc(q)
+    keep = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None  # (B, 1, 1, S)
+    out = torch.zeros_like(q, dtype=f)  # (B, H, S, d)
+    n = S // block if bug == "drop_last_block" else -(-S // block)  # floor division loses the partial block
+    for bi in range(n):
+        i0, i1 = bi * block, min((bi + 1) * block, S)
+        m = torch.full((B, H, i1 - i0, 1), float("-inf"), dtype=f)
+        l = torch.zeros(B, H, i1 - i0, 1, dtype=f)
+        o = torch.zeros(B, H, i1 - i0, d, dtype=f)
+        for bj in range(bi + 1):  # causal: key blocks up to the diagonal
+            j0, j1 = bj * block, min((bj + 1) * block, S)
+            s = (q[:, :, i0:i1] @ k[:, :, j0:j1].transpose(-2, -1)).to(f) * d**-0.5  # (B, H, bq, bk)
+            if bj == bi:
+                i = torch.arange(i0, i1)[:, None]
+                j = torch.arange(j0, j1)[None, :]
+                future = (j - j0 > i) if bug == "diag_mask" else (j > i)  # local key index vs global query index
+                s = s.masked_fill(future, float("-inf"))
+            if keep is not None:
+                s = s.masked_fill(~keep[..., j0:j1], float("-inf"))
+            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+            safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+            p = torch.exp(s - safe)
+            alpha = torch.exp(m - safe)
+            l = l * alpha + p.sum(-1, keepdim=True)
+            o = (o if bug == "no_rescale" else o * alpha) + p @ v[:, :, j0:j1].to(f)  # eq. 6 forgotten
+            m = m_new
+        out[:, :, i0:i1] = o / torch.where(l > 0, l, torch.ones_like(l))
+    return out.to(q.dtype)
+
+
+def decode_wrong_position(x, w, *, config, position_ids, attention_mask=None):
+    """Prefill all but the last token, then decode it with the KV cache, at position = tokens in the cache."""
+    from impl.naive import core
+
+    S = x.shape[1]
+    cache = KVCache()
+    first = []
+    if S > 1:
+        first = [step(core, x[:, :-1], w, config=config, position_ids=position_ids[:, :-1], cache=cache,
+                      attention_mask=None if attention_mask is None else attention_mask[:, :-1])]  # fmt: skip
+    pos = torch.full_like(position_ids[:, -1:], cache.length())  # should be position_ids[:, -1:]
+    last = step(core, x[:, -1:], w, config=config, position_ids=pos, cache=cache, attention_mask=attention_mask)
+    return torch.cat(first + [last], dim=1)
+
+
+def _tiled(bug):
+    return lambda q, k, v, m: flash(q, k, v, m, bug=bug)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the catalog
+
+HELD = {"held_out": True}
+
+CATALOG: list[Bug] = [
+    # scale
+    Bug("scale_missing", "scale", "scores not divided by sqrt(head_dim)",
+        "scores look scaled by {sqrt_d:.1f}x: is the 1/sqrt(head_dim) scale missing?", {"scores": scores_unscaled}),
+    Bug("scale_after_softmax", "scale", "the 1/sqrt(d) scale applied to the probabilities",
+        "the 1/sqrt(head_dim) scale looks applied after the softmax: scale the scores before it",
+        {"scores": scores_unscaled, "aggregate": aggregate_scaled}),
+    Bug("scale_hidden_size", "scale", "scores divided by sqrt(hidden_size), not sqrt(head_dim)",
+        "scale by 1/sqrt(head_dim)", {"scores": scores_hidden_scale}, **HELD),
+    Bug("scale_over_d", "scale", "scores divided by head_dim, not its square root",
+        "scale by 1/sqrt(head_dim)", {"scores": scores_over_d}, **HELD),
+    # softmax
+    Bug("softmax_wrong_dim", "softmax", "softmax over dim=-2 (the queries)",
+        "the softmax looks normalised over the queries (dim=-2): normalise over the keys (dim=-1)",
+        {"softmax": softmax_over_queries}),
+    Bug("softmax_low_precision", "softmax", "scores cast to float16 for the softmax",
+        "the softmax looks computed in float16: compute it in float32", {"softmax": softmax_half}),
+    Bug("softmax_no_max", "softmax", "exp(scores) without subtracting the row max",
+        "subtract the row max before exp", {"softmax": softmax_no_max}, **HELD),
+    Bug("masked_rows_nan", "nonfinite", "torch.softmax over an all -inf row gives NaN",
+        "a fully masked row must give zeros, not a softmax over all -inf", {"softmax": softmax_nan_rows}),
+    # masks
+    Bug("causal_missing", "causal_mask", "no causal mask",
+        "tokens attend to later tokens: the causal mask is missing", {"allowed": allowed_no_causal}),
+    Bug("causal_excludes_self", "causal_mask", "tril(-1): a token cannot see itself",
+        "the causal mask hides each token from itself (triu(0) instead of triu(1)): the diagonal must be visible",
+        {"allowed": allowed_strict}),
+    Bug("causal_sees_next", "causal_mask", "tril(1): each token sees the next one",
+        "the causal mask lets each token see the next one", {"allowed": allowed_sees_next}, **HELD),
+    Bug("padding_ignored", "padding_mask", "attention_mask never applied",
+        "padded keys are attended to: apply attention_mask (1 = token, 0 = padding) to the keys",
+        {"allowed": allowed_no_padding}),
+    Bug("padding_inverted", "padding_mask", "attention_mask read as 1 = masked",
+        "attention_mask looks inverted: 1 = token, 0 = padding", {"allowed": allowed_padding_inverted}, **HELD),
+    Bug("padding_on_queries", "padding_mask", "attention_mask applied to the query axis instead of the key axis",
+        "mask the keys, [B, 1, 1, S]", {"allowed": allowed_padding_on_queries}, **HELD),
+    # heads and GQA
+    Bug("gqa_repeat", "gqa", "K/V heads expanded with repeat (tiling), not repeat_interleave",
+        "query heads look mapped to KV heads with `repeat` (h % Hkv) instead of `repeat_interleave` "
+        "(KV head j serves query heads j*g..j*g+g-1)", {"expand": expand_tiled}, shows=grouped),
+    Bug("gqa_first_kv_head", "gqa", "every query head reads KV head 0",
+        "expand K/V with repeat_interleave", {"expand": expand_first_head}, shows=grouped, **HELD),
+    Bug("head_split_no_transpose", "head_layout", "view(B, H, S, d) without the transpose",
+        "heads look split without the transpose: view(B, S, H, d).transpose(1, 2), not view(B, H, S, d)",
+        {"split": split_no_transpose}),
+    Bug("v_from_k_proj", "projection", "v computed with k_proj's weights (copy-paste)",
+        "v = x @ v_proj.T", {"project": project_v_with_k}, **HELD),
+    Bug("o_proj_transposed", "output_projection", "ctx @ o_proj instead of ctx @ o_proj.T",
+        "the output projection looks transposed: use context @ o_proj.T (nn.Linear layout [out, in])",
+        {"output": output_transposed}, shows=square_o),
+    # RoPE
+    Bug("rope_interleaved", "rope", "interleaved RoPE pairs on HF-ordered weights",
+        "RoPE pairs look interleaved (2i, 2i+1) on HF-ordered weights: HF checkpoints pair channel i with i + d/2 "
+        "(rotate_half)", {"rotate": rotate_interleaved}),
+    Bug("rope_q_only", "rope", "RoPE applied to q only", "only q looks rotated: apply RoPE to k as well",
+        {"rotate": rotate_q_only}),
+    Bug("rope_wrong_sign", "rope", "rotate_half as cat(x2, -x1)", "rotate_half must be cat(-x2, x1)",
+        {"rotate": rotate_wrong_sign}, **HELD),
+    Bug("rope_on_v", "rope", "RoPE applied to v as well", "RoPE applies to q and k only",
+        {"rotate": rotate_v_too}, **HELD),
+    Bug("positions_ignored", "rope", "arange(S) instead of position_ids",
+        "rotate by the given position_ids", {"tables": tables_arange}, **HELD),
+    Bug("decode_wrong_position", "rope", "the decoded token placed at position len(cache), not position_ids",
+        "the decoded token's position", fn=decode_wrong_position),
+    Bug("llama3_missing", "rope_frequencies", "llama3 frequency scaling skipped",
+        "frequencies look unscaled: the llama3 RoPE scaling (factor {factor:g}) is missing",
+        {"tables": tables_no_llama3}, shows=llama3),
+    Bug("llama3_factor_8", "rope_frequencies", "llama3 scaling with factor 8 (Meta's hard-coded value), not 32",
+        "take rope_parameters from the config", {"tables": tables_factor8}, shows=llama3, **HELD),
+    Bug("rope_theta_10000", "rope_frequencies", "rope_theta hard-coded to 10000 (Llama 2's)",
+        "take rope_theta from the config", {"tables": tables_theta_10000},
+        shows=lambda c: c["rope_parameters"]["rope_theta"] != 10000.0, **HELD),
+    Bug("angles_bf16", "rope_frequencies", "position * inv_freq computed in bfloat16",
+        "RoPE angles look computed in bfloat16: compute position * inv_freq in float32",
+        {"tables": tables_bf16_angles}),
+    # o_proj and the tiled loop
+    Bug("tiled_no_rescale", "tiling", "accumulator not rescaled when the running max grows",
+        "rescale the accumulator by exp(m - m') when the running max changes", {"core": _tiled("no_rescale")},
+        **HELD),
+    Bug("tiled_drops_last_block", "tiling", "S // block blocks: the last partial block dropped",
+        "loop over ceil(S / block) blocks", {"core": _tiled("drop_last_block")}),
+    Bug("tiled_diagonal_mask", "tiling", "diagonal tile masked with the tile-local key index",
+        "mask the diagonal tile with global indices", {"core": _tiled("diag_mask")}, **HELD),
+]  # fmt: skip
+
+BY_NAME = {b.name: b for b in CATALOG}
+
+
+def suspects(config: dict) -> list[Bug]:
+    """The entries the diagnosis may match: not held out, expressible as pipeline steps, able to show here."""
+    return [b for b in CATALOG if not b.held_out and b.steps and b.shows(config)]
+
+
+def pick(name: str) -> Bug:
+    return BY_NAME[name]
+

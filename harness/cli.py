@@ -1,0 +1,48 @@
+"""The one command line: `attention-verify COMMAND ...` (installed by `make setup`), or `python -m harness COMMAND`.
+
+    verify    implementations vs transformers' LlamaAttention on every fixture (the main job)
+    list      fixtures, implementations, scenarios
+    fixture   load and check one fixture, print its summary
+    extract   one layer of a Llama-family checkpoint -> fixtures/<name>/
+    e2e       a whole real model with the implementation in every layer, against transformers
+    plot      one layer's attention probabilities for a real prompt, ours beside transformers'
+    mutants   the mutation suite: the harness scored on the catalog of attention bugs
+    bench     time, peak memory and memory traffic on Llama-3.2-1B's shapes
+
+Exit codes everywhere: 0 pass, 1 a failing verdict, 2 bad input (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from harness.common import Parser, run_cli
+
+# command -> (module, its main); imported only when used, so `list` does not pay for matplotlib or transformers
+COMMANDS = {
+    "verify": "harness.verify.run",
+    "list": "harness.verify.listing",
+    "fixture": "harness.fixtures.format",
+    "extract": "harness.fixtures.extract",
+    "e2e": "harness.e2e.run",
+    "plot": "harness.e2e.plot",
+    "mutants": "harness.bugs.mutants",
+    "bench": "harness.bench.report",
+}
+ALIASES = {"plot-attention": "plot"}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = ALIASES.get(argv[0], argv[0]) if argv else None
+    if name not in COMMANDS:
+        p = Parser(prog="attention-verify", description=__doc__.split("\n")[0])
+        p.add_argument("command", choices=list(COMMANDS))
+        p.parse_args(argv[:1])
+    return importlib.import_module(COMMANDS[name]).main(argv[1:])
+
+
+def entry() -> None:
+    """The console script."""
+    sys.exit(run_cli(main))

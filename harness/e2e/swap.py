@@ -1,0 +1,63 @@
+"""The module that stands in for each layer's self_attn, and the context manager that swaps it in and out."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from harness.fixtures.format import WEIGHT_NAMES
+from harness.verify.plugins import check_output
+
+
+class Swapped(nn.Module):
+    """One layer's self_attn, computed by an implementation with that layer's own weights.
+
+    mode "contract": fn(x, weights, config=, position_ids=, attention_mask=) on the whole sequence so far (the
+                     contract has no cache); only the new rows of its output are returned.
+    mode "kv":       impl.decode.step(core, ...) with the project's KV cache: only the new tokens are projected.
+    The padding mask [B, T + S_new] (1 = token, 0 = padding) comes from the run (HF passes its own 4-D form).
+    """
+
+    def __init__(self, hf_attn: nn.Module, layer: int, run: swapped):
+        super().__init__()
+        self.layer, self.run = layer, run
+        self.weights = {n: getattr(hf_attn, n).weight.detach() for n in WEIGHT_NAMES}
+        self.xs = self.pos = None  # contract mode: the inputs seen so far, (B, T, D) and (B, T)
+
+    def forward(self, hidden_states, position_ids=None, **_):
+        run, x, pos = self.run, hidden_states, position_ids  # (B, S_new, D), (B, S_new)
+        if run.mode == "kv":
+            from impl import decode
+
+            out = decode.step(run.fn, x, self.weights, config=run.config, position_ids=pos, cache=run.cache,
+                              layer=self.layer, attention_mask=run.mask)  # fmt: skip
+            return out, None
+        if self.xs is not None:
+            x = torch.cat((self.xs, x), dim=1)  # (B, T + S_new, D)
+            pos = torch.cat((self.pos, pos), dim=1)  # (B, T + S_new)
+        self.xs, self.pos = x, pos
+        out = run.fn(x, self.weights, config=run.config, position_ids=pos, attention_mask=run.mask)
+        check_output(out, x)
+        return out[:, -hidden_states.shape[1] :], None  # (B, S_new, D): the new rows only
+
+
+class swapped:
+    """Context manager: every layer's self_attn replaced by a Swapped; the originals restored on exit."""
+
+    def __init__(self, model, fn, mode: str = "contract"):
+        from impl.decode import KVCache
+
+        self.model, self.fn, self.mode, self.config = model, fn, mode, model.config
+        self.cache = KVCache() if mode == "kv" else None
+        self.mask = None  # set by greedy() before every forward; None when nothing is padded
+
+    def __enter__(self):
+        self.orig = [layer.self_attn for layer in self.model.layers]
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn = Swapped(self.orig[i], i, self)
+        return self
+
+    def __exit__(self, *exc):
+        for layer, attn in zip(self.model.layers, self.orig, strict=True):
+            layer.self_attn = attn
+        return False

@@ -1,0 +1,38 @@
+"""`attention-verify list`: what a run can use: fixtures, implementations (layer and core built-ins), scenarios."""
+
+from __future__ import annotations
+
+import json
+
+from harness.common import Parser
+
+
+def main(argv=None) -> int:
+    from harness.fixtures.format import list_fixtures, load_fixture
+    from harness.verify.scenarios import SCENARIOS
+    from impl import IMPLEMENTATIONS
+
+    p = Parser(prog="attention-verify list", description="Fixtures, implementations and scenarios.")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    fixtures = []
+    for path in list_fixtures():
+        f = load_fixture(path, verify=False)
+        fixtures.append({"name": f.name, "synthetic": f.synthetic, "layer": f.layer, "model": f.manifest.get("model")})
+    scen = [
+        {"name": s.name, "dtype": str(s.dtype).removeprefix("torch."), "quick": s.quick, "isolates": s.isolates}
+        for s in SCENARIOS
+    ]
+    if a.json:
+        print(json.dumps({"fixtures": fixtures, "implementations": list(IMPLEMENTATIONS), "scenarios": scen}, indent=1))
+        return 0
+    print("fixtures:")
+    for f in fixtures:
+        print(
+            f"  {f['name']:26s} {'synthetic' if f['synthetic'] else 'real'} weights, layer {f['layer']}, {f['model']}"
+        )
+    print("implementations:\n  " + ", ".join(IMPLEMENTATIONS))
+    print("scenarios:")
+    for s in scen:
+        print(f"  {s['name']:17s} {s['dtype']:8s} {'quick' if s['quick'] else 'full '}  {s['isolates']}")
+    return 0
