@@ -129,9 +129,9 @@ def test_hf_cache_snapshot_and_offline_cache_hit(tmp_path, hf_env, small_hf_dir,
     assert g.manifest["files"]["attn_layer_0.safetensors"] == f.manifest["files"]["attn_layer_0.safetensors"]
 
 
-def test_offline_default_source_is_one_line_exit_2(tmp_path):
-    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "home"), "HF_HUB_CACHE": str(tmp_path / "cache")}
-    p = run(["scripts/extract.py", "--out", str(tmp_path / "x")], env=env)
+def test_offline_default_source_is_one_line_exit_2(tmp_path, hf_env, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    p = run(["scripts/extract.py", "--out", str(tmp_path / "x")])
     assert p.returncode == 2
     line = one_line_error(p)
     assert "HF_HUB_OFFLINE" in line and "Llama-3.2-1B" in line and "--source" in line
@@ -197,7 +197,8 @@ def test_golden_uses_an_explicit_causal_mask(tmp_path, small_hf_dir):
         (["--layer", "x"], "invalid int"),
     ],
 )
-def test_bad_arguments_are_one_line_exit_2(tmp_path, args, match):
-    p = run(["scripts/extract.py", *args, "--out", str(tmp_path / "x")], env={"HF_HUB_OFFLINE": "1"})
+def test_bad_arguments_are_one_line_exit_2(tmp_path, args, match, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    p = run(["scripts/extract.py", *args, "--out", str(tmp_path / "x")])
     assert p.returncode == 2, p.stderr
     assert match in one_line_error(p)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from harness.bugs import pipeline
 from harness.bugs.pipeline import _rot, acc, layer, tables
 from impl import masks, rope
 from impl.decode import KVCache, step
@@ -35,6 +36,7 @@ STAGES = (
     "padding_mask",
     "softmax",
     "tiling",
+    "lse",
     "output_projection",
     "nonfinite",
     "unknown",
@@ -70,10 +72,17 @@ class Bug:
     fn: Callable | None = field(default=None, repr=False)  # a whole layer instead (bugs outside the pipeline)
     held_out: bool = False  # never used by the diagnosis
     shows: Callable[[dict], bool] = field(default=always, repr=False)  # configs on which the bug can show at all
+    contract: str = "layer"  # the contract the mutation suite runs it through: "layer" or "core" (a kernel)
 
     def layer(self) -> Callable:
         """The bug as a plug-in of the layer contract."""
         return self.fn or layer(**self.steps)
+
+    def kernel(self) -> Callable | None:
+        """The bug as a kernel of the core contract, when it lives between the projections and o_proj."""
+        if self.contract == "core" and self.fn is not None:
+            return self.fn
+        return pipeline.core(**self.steps) if self.steps and set(self.steps) <= pipeline.KERNEL_STEPS else None
 
     def hint_for(self, config: dict) -> str:
         d = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
@@ -190,43 +199,56 @@ def softmax_no_max(s, allowed):
     return e / e.sum(dim=-1, keepdim=True).clamp(min=1e-30)
 
 
-def allowed_no_causal(Sq, Sk, attention_mask):
-    m = torch.ones(1, 1, Sq, Sk, dtype=torch.bool)
+def allowed_no_causal(Sq, Sk, attention_mask, causal=True):
+    m = torch.ones(1, 1, Sq, Sk, dtype=torch.bool)  # the causal part never built
     return m & masks.padding(attention_mask) if attention_mask is not None else m
 
 
-def allowed_strict(Sq, Sk, attention_mask):
-    m = torch.ones(Sq, Sk, dtype=torch.bool).tril(-1)[None, None]  # tril(-1): each token hidden from itself
+def _tril(Sq, Sk, attention_mask, causal, diagonal):
+    m = torch.ones(Sq, Sk, dtype=torch.bool)
+    m = (m.tril(diagonal) if causal else m)[None, None]  # tril: top-left aligned, as written for Sq == Sk
     return m & masks.padding(attention_mask) if attention_mask is not None else m
 
 
-def allowed_sees_next(Sq, Sk, attention_mask):
-    m = torch.ones(Sq, Sk, dtype=torch.bool).tril(1)[None, None]  # tril(1): one future token visible
-    return m & masks.padding(attention_mask) if attention_mask is not None else m
+def allowed_strict(Sq, Sk, attention_mask, causal=True):
+    return _tril(Sq, Sk, attention_mask, causal, -1)  # tril(-1): each token hidden from itself
 
 
-def allowed_no_padding(Sq, Sk, attention_mask):
-    return masks.causal(Sq, Sk)[None, None]  # attention_mask never used
+def allowed_sees_next(Sq, Sk, attention_mask, causal=True):
+    return _tril(Sq, Sk, attention_mask, causal, 1)  # tril(1): one future token visible
 
 
-def allowed_padding_inverted(Sq, Sk, attention_mask):
-    m = masks.causal(Sq, Sk)[None, None]
+def allowed_top_left(Sq, Sk, attention_mask, causal=True):
+    return _tril(Sq, Sk, attention_mask, causal, 0)  # right for Sq == Sk; with a cache, query i sees only 0..i
+
+
+def allowed_always_causal(Sq, Sk, attention_mask, causal=True):
+    return masks.build(Sq, Sk, attention_mask)  # the causal flag never read
+
+
+def allowed_no_padding(Sq, Sk, attention_mask, causal=True):
+    return masks.build(Sq, Sk, None, is_causal=causal)  # attention_mask never used
+
+
+def allowed_padding_inverted(Sq, Sk, attention_mask, causal=True):
+    m = masks.build(Sq, Sk, None, is_causal=causal)
     return m & (attention_mask == 0)[:, None, None, :] if attention_mask is not None else m  # 1 read as "masked"
 
 
-def allowed_padding_on_queries(Sq, Sk, attention_mask):
-    m = masks.causal(Sq, Sk)[None, None]  # the padding mask broadcast over the query axis, not the key axis
-    return m & attention_mask.bool()[:, None, :, None] if attention_mask is not None else m
+def allowed_padding_on_queries(Sq, Sk, attention_mask, causal=True):
+    m = masks.build(Sq, Sk, None, is_causal=causal)  # the padding mask broadcast over the query axis, not keys
+    return m & attention_mask.bool()[:, None, :Sq, None] if attention_mask is not None else m
 
 
 def output_transposed(ctx, w):
     return merge_heads(ctx) @ w["o_proj"]  # nn.Linear stores [out, in]: this needs .T
 
 
-def flash(q, k, v, attention_mask=None, *, bug: str, block: int = 128):
-    """A FlashAttention-2 forward (square blocks, causal) with one of its classic bugs."""
+def flash(q, k, v, attention_mask=None, causal=True, scale=None, *, bug: str, block: int = 128):
+    """A FlashAttention-2 forward (square blocks, causal, Sq == Sk as written) with one of its classic bugs."""
     B, H, S, d = q.shape
     g = H // k.shape[1]
+    scale = d**-0.5 if scale is None else scale
     k, v = repeat_kv(k, g), repeat_kv(v, g)  # (B, H, S, d)
     f = acc(q)
     keep = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None  # (B, 1, 1, S)
@@ -237,10 +259,10 @@ def flash(q, k, v, attention_mask=None, *, bug: str, block: int = 128):
         m = torch.full((B, H, i1 - i0, 1), float("-inf"), dtype=f)
         l = torch.zeros(B, H, i1 - i0, 1, dtype=f)
         o = torch.zeros(B, H, i1 - i0, d, dtype=f)
-        for bj in range(bi + 1):  # causal: key blocks up to the diagonal
+        for bj in range(bi + 1 if causal else n):  # causal: key blocks up to the diagonal
             j0, j1 = bj * block, min((bj + 1) * block, S)
-            s = (q[:, :, i0:i1] @ k[:, :, j0:j1].transpose(-2, -1)).to(f) * d**-0.5  # (B, H, bq, bk)
-            if bj == bi:
+            s = (q[:, :, i0:i1] @ k[:, :, j0:j1].transpose(-2, -1)).to(f) * scale  # (B, H, bq, bk)
+            if causal and bj == bi:
                 i = torch.arange(i0, i1)[:, None]
                 j = torch.arange(j0, j1)[None, :]
                 future = (j - j0 > i) if bug == "diag_mask" else (j > i)  # local key index vs global query index
@@ -273,8 +295,26 @@ def decode_wrong_position(x, w, *, config, position_ids, attention_mask=None):
     return torch.cat(first + [last], dim=1)
 
 
+def scale_arg_ignored(q, k, v, *, causal=True, scale=None, attention_mask=None):
+    return pipeline.core()(q, k, v, causal=causal, attention_mask=attention_mask)  # always 1/sqrt(d)
+
+
+def _lse_wrong(how):
+    def attn(q, k, v, *, causal=True, scale=None, attention_mask=None):
+        from impl.tiled import flash_forward
+
+        out, lse = flash_forward(q, k, v, attention_mask, causal=causal, scale=scale)
+        if how == "base2":
+            return out, lse / math.log(2)  # log2 of the row sum: exp2-based kernels keep lse in base 2
+        s = (q.float() @ k.float().repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-2, -1))  # unscaled
+        keep = masks.build(q.shape[2], k.shape[2], attention_mask, q.device, is_causal=causal)
+        return out, torch.logsumexp(s.masked_fill(~keep, float("-inf")), dim=-1)
+
+    return attn
+
+
 def _tiled(bug):
-    return lambda q, k, v, m: flash(q, k, v, m, bug=bug)
+    return lambda q, k, v, m, causal, scale: flash(q, k, v, m, causal, scale, bug=bug)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -365,14 +405,32 @@ CATALOG: list[Bug] = [
         "loop over ceil(S / block) blocks", {"core": _tiled("drop_last_block")}),
     Bug("tiled_diagonal_mask", "tiling", "diagonal tile masked with the tile-local key index",
         "mask the diagonal tile with global indices", {"core": _tiled("diag_mask")}, **HELD),
+    # kernels (the core contract): what only shows with Sq < Sk, a flag or the lse
+    Bug("causal_top_left", "causal_mask", "causal mask tril() aligned top-left: wrong with a KV cache (Sq < Sk)",
+        "the causal mask looks aligned top-left: with Sq < Sk queries are the last Sq of the Sk keys, so query i "
+        "sees keys 0 .. Sk - Sq + i (bottom-right)", {"allowed": allowed_top_left}, contract="core"),
+    Bug("causal_flag_ignored", "causal_mask", "the causal=False flag ignored: always causal",
+        "honour causal=False", {"allowed": allowed_always_causal}, contract="core", **HELD),
+    Bug("scale_arg_ignored", "scale", "the scale argument ignored: always 1/sqrt(d)",
+        "use the given scale", fn=scale_arg_ignored, contract="core", **HELD),
+    Bug("lse_base2", "lse", "lse returned in base 2 (log2 of the row sum)",
+        "lse looks like a base-2 logarithm: return the natural log, lse = m + log(l)", fn=_lse_wrong("base2"),
+        contract="core"),
+    Bug("lse_unscaled", "lse", "lse of the unscaled scores", "compute lse from the scaled scores",
+        fn=_lse_wrong("unscaled"), contract="core", **HELD),
 ]  # fmt: skip
 
 BY_NAME = {b.name: b for b in CATALOG}
 
 
 def suspects(config: dict) -> list[Bug]:
-    """The entries the diagnosis may match: not held out, expressible as pipeline steps, able to show here."""
-    return [b for b in CATALOG if not b.held_out and b.steps and b.shows(config)]
+    """The entries the diagnosis may match on a layer: not held out, pipeline steps, able to show here."""
+    return [b for b in CATALOG if not b.held_out and b.contract == "layer" and b.steps and b.shows(config)]
+
+
+def kernel_suspects() -> list[Bug]:
+    """The entries the diagnosis may match on a kernel: not held out, expressible as a kernel."""
+    return [b for b in CATALOG if not b.held_out and b.kernel() is not None]
 
 
 def pick(name: str) -> Bug:

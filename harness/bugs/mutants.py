@@ -35,29 +35,41 @@ class Result:
 
 
 def run_mutants(fixtures, bugs: list[Bug] = CATALOG, log=print, cache=None) -> list[Result]:
-    """Verify every bug (all scenarios, all dtypes) on the first fixture, then the ones not yet caught on the next
-    (the big Llama-shaped fixture is only needed for what the small real one cannot show). A bug's stage is the
-    verdict of the fixture that caught it."""
-    from harness.verify.run import DTYPES, verify
+    """Verify every layer bug (all scenarios, all dtypes) on the first fixture, then the ones not yet caught on the
+    next (the big Llama-shaped fixture is only needed for what the small real one cannot show); every kernel bug on
+    the kernel matrix. A bug's stage is the verdict of the fixture that caught it."""
+    from harness.verify.run import DTYPES, builtin, verify
 
     found: dict[str, Result] = {}
     cache = {} if cache is None else cache
+    cores = [b for b in bugs if b.contract == "core"]
+    if cores:
+        t0 = time.perf_counter()
+        rows, verdicts = verify([], [builtin(b.name, b.kernel(), "core") for b in cores], set(DTYPES.values()),
+                                quick=False, log=lambda *_: None, cache=cache)  # fmt: skip
+        _record(found, cores, rows, verdicts)
+        log(f"  kernels: {len(cores)} mutants verified, {sum(b.name in found for b in cores)} caught, "
+            f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
     for f in fixtures:
-        todo = [b for b in bugs if b.name not in found]
+        todo = [b for b in bugs if b.name not in found and b.contract == "layer"]
         if not todo:
             break
         t0 = time.perf_counter()
         rows, verdicts = verify([f], [(b.name, b.layer()) for b in todo], set(DTYPES.values()), quick=False,
                                 log=lambda *_: None, cache=cache)  # fmt: skip
-        by_name = {b.name: b for b in todo}
-        for v in verdicts:
-            if not v.passed:
-                b = by_name[v.impl]
-                failed = [f"{r.fixture}/{r.scenario}" for r in rows if r.impl == b.name and not r.passed]
-                found[b.name] = Result(b.name, True, v.stage, b.stage, b.held_out, failed, v.hint)
+        _record(found, todo, rows, verdicts)
         log(f"  {f.name}: {len(todo)} mutants verified, {sum(b.name in found for b in todo)} caught, "
             f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
     return [found.get(b.name) or Result(b.name, False, None, b.stage, b.held_out, []) for b in bugs]
+
+
+def _record(found: dict, bugs: list[Bug], rows, verdicts) -> None:
+    by_name = {b.name: b for b in bugs}
+    for v in verdicts:
+        if not v.passed:
+            b = by_name[v.impl]
+            failed = sorted({f"{r.fixture}/{r.scenario}" for r in rows if r.impl == b.name and not r.passed})
+            found[b.name] = Result(b.name, True, v.stage, b.stage, b.held_out, failed, v.hint)
 
 
 def scores(results: list[Result]) -> dict:

@@ -43,8 +43,8 @@ def scores(q, k, d):
     return (q @ k.transpose(-2, -1)).to(acc(q)) * d**-0.5  # (B, H, Sq, Sk)
 
 
-def allowed(Sq, Sk, attention_mask):
-    return masks.build(Sq, Sk, attention_mask)  # (B|1, 1, Sq, Sk) bool, True = may attend
+def allowed(Sq, Sk, attention_mask, causal=True):
+    return masks.build(Sq, Sk, attention_mask, is_causal=causal)  # (B|1, 1, Sq, Sk) bool, True = may attend
 
 
 def aggregate(probs, v):
@@ -63,32 +63,54 @@ class Steps:
     rotate: Callable = rotate  # (q, k, v, cos, sin) -> q, k, v
     expand: Callable = repeat_kv  # (k, g) -> (B, H, S, d)
     scores: Callable = scores  # (q, k, d) -> (B, H, S, S), float32 or wider
-    allowed: Callable = allowed  # (Sq, Sk, attention_mask) -> bool, True = may attend
+    allowed: Callable = allowed  # (Sq, Sk, attention_mask, causal) -> bool, True = may attend
     softmax: Callable = masks.masked_softmax  # (scores, allowed) -> probabilities
     aggregate: Callable = aggregate  # (probs, v) -> (B, H, S, d)
-    core: Callable | None = None  # replaces 2-3-aggregate (tiled bugs): (q, k, v, attention_mask) -> ctx
+    core: Callable | None = None  # replaces 2-3-aggregate (tiled bugs): (q, k, v, mask, causal, scale) -> ctx
     output: Callable = output  # (ctx, weights) -> (B, S, D)
 
 
 def pipeline(steps: Steps, x, w, *, config, position_ids, attention_mask=None):
     """The layer contract (impl/__init__.py) computed with `steps`."""
     H, Hkv, d = heads(config)
-    S = x.shape[1]
     # 1. projection, head split, RoPE
     q = steps.project(x, w, "q_proj", H, d, steps.split)  # (B, H, S, d)
     k = steps.project(x, w, "k_proj", Hkv, d, steps.split)  # (B, Hkv, S, d)
     v = steps.project(x, w, "v_proj", Hkv, d, steps.split)  # (B, Hkv, S, d)
     cos, sin = steps.tables(config, position_ids, acc(x))  # (B, S, rd)
     q, k, v = steps.rotate(q, k, v, cos, sin)
+    ctx = kernel(steps, q, k, v, attention_mask=attention_mask)  # (B, H, S, d)
+    # 4. merge heads, o_proj
+    return steps.output(ctx, w)  # (B, S, D)
+
+
+KERNEL_STEPS = {"expand", "scores", "allowed", "softmax", "aggregate", "core"}  # what a core-contract kernel holds
+
+
+def kernel(steps: Steps, q, k, v, *, causal=True, scale=None, attention_mask=None):
+    """Stages 2-4 up to the context, the core contract (impl/__init__.py): q (B, H, Sq, d), k/v (B, Hkv, Sk, d)."""
+    H, Hkv, d = q.shape[1], k.shape[1], q.shape[-1]
     if steps.core is not None:
-        return steps.output(steps.core(q, k, v, attention_mask), w)
+        return steps.core(q, k, v, attention_mask, causal, scale)
     # 2. scores
-    k, v = steps.expand(k, H // Hkv), steps.expand(v, H // Hkv)  # (B, H, S, d)
-    s = steps.scores(q, k, d)  # (B, H, S, S)
+    k, v = steps.expand(k, H // Hkv), steps.expand(v, H // Hkv)  # (B, H, Sk, d)
+    s = steps.scores(q, k, d)  # (B, H, Sq, Sk)
+    if scale is not None:
+        s = s * (scale * d**0.5)  # the scores step divides by sqrt(d): the caller's scale replaces it
     # 3. mask and softmax
-    p = steps.softmax(s, steps.allowed(S, S, attention_mask))  # (B, H, S, S)
+    p = steps.softmax(s, steps.allowed(q.shape[2], k.shape[2], attention_mask, causal))  # (B, H, Sq, Sk)
     # 4. aggregation
-    return steps.output(steps.aggregate(p, v), w)  # (B, S, D)
+    return steps.aggregate(p, v)  # (B, H, Sq, d)
+
+
+def core(steps: Steps | None = None, **changes) -> Callable:
+    """A core-contract kernel computing stages 2-4 with `steps` and `changes` swapped in."""
+    steps = replace(steps or Steps(), **changes)
+
+    def attn(q, k, v, *, causal=True, scale=None, attention_mask=None):
+        return kernel(steps, q, k, v, causal=causal, scale=scale, attention_mask=attention_mask)
+
+    return attn
 
 
 def layer(steps: Steps | None = None, **changes) -> Callable:

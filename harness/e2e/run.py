@@ -315,7 +315,8 @@ def report(model, impl: str, results: list[PromptResult], n: int, log=print) -> 
 
 def main(argv=None) -> int:
     from harness.e2e.model import DEFAULT_MODEL, load_model
-    from harness.verify.plugins import resolve_impl
+    from harness.verify.plugins import LAYOUTS, resolve
+    from harness.verify.worker import Fault
     from impl import CORES
 
     p = Parser(
@@ -324,43 +325,49 @@ def main(argv=None) -> int:
         "greedy tokens with transformers.",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m (default), hf:OWNER/NAME[@REV], or a directory")
-    p.add_argument("--impl", default="tiled", help="a built-in (naive, loop, tiled, sdpa) or module:function")
+    p.add_argument("--impl", help="a layer: a built-in (naive, loop, tiled, sdpa) or module:function (default tiled)")
+    p.add_argument("--module", help="a module factory module:build, build(config, weights) -> layer")
+    p.add_argument("--weights-layout", choices=LAYOUTS, default="hf", help="q/k row order: hf (default) or meta")
     p.add_argument("--prompts", help="a text file with one prompt per line, or a JSON list of strings")
     p.add_argument("--tokens", type=int, default=32, help="greedy tokens to generate per prompt (default 32)")
+    p.add_argument("--timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="for the whole model run (default 1800): past it, stage timeout")
     p.add_argument("--json", type=Path, help="write the result as JSON to this path")
     a = p.parse_args(argv)
     if a.tokens < 1:
         raise UserError(f"--tokens {a.tokens}: must be at least 1")
+    if a.impl and a.module:
+        raise UserError("give --impl or --module, not both")
     prompts = read_prompts(a.prompts)
-    name, fn = resolve_impl(a.impl)
+    spec, contract = (a.module, "module") if a.module else (a.impl or "tiled", "layer")
+    impl = resolve(spec, contract, layout=a.weights_layout)
 
     t0 = time.perf_counter()
+    impl.prepare(a.timeout)
     model = load_model(a.model)
     print(f"loaded {model.name} ({model.source}) in {model.seconds:.1f} s")
-    core = CORES.get(name)  # built-ins also decode with impl.decode's KV cache
+    core = CORES.get(spec) if impl.builtin else None  # built-ins also decode with impl.decode's KV cache
+    impl.deadline = time.monotonic() + a.timeout
+    fault, results = None, []
     try:
-        results = run_e2e(model, fn, core, prompts, a.tokens)
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a crashing implementation is a failure with its reason
-        print(f"FAIL: {name} raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-        return 1
-    report(model, name, results, a.tokens)
+        results = run_e2e(model, impl, core, prompts, a.tokens)
+    except Fault as e:
+        fault = e
+    finally:
+        impl.close()
     seconds = time.perf_counter() - t0
-    passed = all(r.passed for r in results)
+    if fault is not None:
+        print(f"FAIL: stage {fault.stage}: {spec} {fault.message}")
+    else:
+        report(model, spec, results, a.tokens)
+    passed = fault is None and all(r.passed for r in results)
     ok = sum(r.passed for r in results)
-    print(f"\n{'PASS' if passed else 'FAIL'}: {ok}/{len(results)} prompts, {name} on {model.name}, {seconds:.1f} s")
+    print(f"\n{'PASS' if passed else 'FAIL'}: {ok}/{len(prompts)} prompts, {spec} on {model.name}, {seconds:.1f} s")
     if a.json:
-        write_json(
-            a.json,
-            {
-                "model": a.model,
-                "impl": name,
-                "passed": passed,
-                "tokens": a.tokens,
-                "logit_rtol": LOGIT_RTOL,
-                "prompts": [asdict(r) for r in results],
-                "seconds": round(seconds, 2),
-            },
-        )
+        write_json(a.json, {
+            "model": a.model, "impl": spec, "contract": contract, "passed": passed,
+            "stage": fault.stage if fault else None, "error": (fault.traceback or fault.message) if fault else None,
+            "tokens": a.tokens, "logit_rtol": LOGIT_RTOL, "prompts": [asdict(r) for r in results],
+            "seconds": round(seconds, 2),
+        })  # fmt: skip
     return 0 if passed else 1

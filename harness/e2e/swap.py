@@ -6,14 +6,15 @@ import torch
 from torch import nn
 
 from harness.fixtures.format import WEIGHT_NAMES
-from harness.verify.plugins import check_output
+from harness.verify.plugins import Builtin, Impl
 
 
 class Swapped(nn.Module):
     """One layer's self_attn, computed by an implementation with that layer's own weights.
 
-    mode "contract": fn(x, weights, config=, position_ids=, attention_mask=) on the whole sequence so far (the
-                     contract has no cache); only the new rows of its output are returned.
+    mode "contract": the implementation (an Impl: a layer or a module, user code in its worker process) on the
+                     whole sequence so far (the contracts have no cache); only the new rows of its output are
+                     returned.
     mode "kv":       impl.decode.step(core, ...) with the project's KV cache: only the new tokens are projected.
     The padding mask [B, T + S_new] (1 = token, 0 = padding) comes from the run (HF passes its own 4-D form).
     """
@@ -36,8 +37,7 @@ class Swapped(nn.Module):
             x = torch.cat((self.xs, x), dim=1)  # (B, T + S_new, D)
             pos = torch.cat((self.pos, pos), dim=1)  # (B, T + S_new)
         self.xs, self.pos = x, pos
-        out = run.fn(x, self.weights, config=run.config, position_ids=pos, attention_mask=run.mask)
-        check_output(out, x)
+        out = run.impl.layer(f"layer{self.layer}", run.config, self.weights, x, pos, run.mask)
         return out[:, -hidden_states.shape[1] :], None  # (B, S_new, D): the new rows only
 
 
@@ -45,9 +45,12 @@ class swapped:
     """Context manager: every layer's self_attn replaced by a Swapped; the originals restored on exit."""
 
     def __init__(self, model, fn, mode: str = "contract"):
+        """fn: an Impl or a layer function (run in this process) for "contract"; a core kernel for "kv"."""
         from impl.decode import KVCache
 
         self.model, self.fn, self.mode, self.config = model, fn, mode, model.config
+        if mode == "contract":
+            self.impl = fn if isinstance(fn, Impl) else Builtin(getattr(fn, "__name__", "fn"), "layer", fn)
         self.cache = KVCache() if mode == "kv" else None
         self.mask = None  # set by greedy() before every forward; None when nothing is padded
 

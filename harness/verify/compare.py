@@ -66,3 +66,14 @@ def compare(out, ref, ref64, keep, dtype) -> Comparison:
         passed = e64 <= tol
     passed = passed and nonfinite == 0
     return Comparison(passed, max_abs, [int(i) for i in where], rmse, rel, tol, rule, e64, h64, nonfinite)
+
+
+def not_run(ref: torch.Tensor, dtype) -> Comparison:
+    """The row of a check whose implementation gave no output (a fault): failed, NaN everywhere."""
+    return Comparison(False, float("inf"), None, float("inf"), float("inf"), ABS_TOL if dtype == torch.float32
+                      else float("nan"), "no output", float("inf"), float("nan"), int(ref.numel()))  # fmt: skip
+
+
+def within(err: float, tol: float, rule: str) -> Comparison:
+    """A check of one number against a bound (a kernel's lse vs float64)."""
+    return Comparison(err <= tol, err, None, float("nan"), float("nan"), tol, rule, err, float("nan"), 0)

@@ -1,8 +1,15 @@
-"""Implementations under test: a built-in name or a user's `module:name` / `path/to/file.py:name`, resolved to a
-callable; and the check every output passes before it is compared.
+"""Implementations under test, behind one interface whatever their contract and wherever they run.
 
-A file is imported under a private module name registered in sys.modules (code that looks its own module up,
-such as torch.compile's tracing, finds it), never shadowing an installed package.
+Three contracts, each chosen by its own option:
+    layer   --impl SPEC     attention(x, weights, *, config, position_ids, attention_mask=None) -> [B, S, D]
+    module  --module SPEC   build(config, weights) -> layer; layer(x, position_ids, attention_mask=None) -> [B, S, D]
+    core    --core SPEC     attn(q, k, v, *, causal=True, scale=None, attention_mask=None) -> out or (out, lse)
+
+SPEC is a built-in name or `module:name` / `path/to/file.py:name`. Built-ins run in this process on fresh copies of
+every input; everything else runs in a worker process (worker.py) that imports it. Either way the output is
+described and checked here before anything compares it: a wrong type, shape, dtype or device is stage `contract`,
+never a silent cast. A file is imported under a private module name registered in sys.modules (code that looks
+its own module up, such as torch.compile's tracing, finds it), never shadowing an installed package.
 """
 
 from __future__ import annotations
@@ -11,11 +18,13 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from harness.common import UserError, one_line
+from harness.verify.worker import Fault, Worker, describe, results
 
 
 def import_spec(spec: str, builtins: dict | None = None, what: str = "implementation"):
@@ -32,9 +41,7 @@ def import_spec(spec: str, builtins: dict | None = None, what: str = "implementa
     mod_name, _, attr = spec.rpartition(":")
     try:
         module = _import_file(mod_name) if mod_name.endswith(".py") else _import_module(mod_name)
-    except UserError:
-        raise
-    except BaseException as e:  # noqa: BLE001 - any import failure (SystemExit included) is bad input here
+    except (ImportError, SyntaxError) as e:  # the spec names nothing importable: bad input
         raise UserError(
             f"cannot import '{mod_name}' ({type(e).__name__}: {one_line(str(e), 150)}); "
             "check the module path and that it imports on its own"
@@ -72,15 +79,191 @@ def _import_file(path_text: str):
     return module
 
 
+CONTRACTS = ("layer", "module", "core")
+LAYOUTS = ("hf", "meta")
+
+
+class Impl:
+    """An implementation under test. `deadline` (time.monotonic()) bounds every call until it is changed."""
+
+    def __init__(self, spec: str, contract: str, layout: str = "hf", device: str = "cpu"):
+        self.spec, self.contract, self.layout, self.device = spec, contract, layout, device
+        self.deadline: float | None = None
+
+    @property
+    def builtin(self) -> bool:
+        return False
+
+    @property
+    def alive(self) -> bool:
+        """Can it still answer? (A worker that died or was killed for its time cannot.)"""
+        return True
+
+    def layer(self, key: str, config: dict, weights: dict, x, pos, mask) -> torch.Tensor:
+        """The layer (or module) on these inputs; key names the weights (fixture, dtype) for caching."""
+        raise NotImplementedError
+
+    def core(self, q, k, v, *, causal: bool = True, scale: float | None = None, mask=None):
+        """-> (out, lse or None)."""
+        raise NotImplementedError
+
+    def prepare(self, timeout: float) -> None:
+        """Import the code now, so a spec that names nothing importable is bad input before any work is done."""
+
+    def reset(self) -> None:
+        """Forget state after a fault (a worker is killed; the next call starts a fresh one)."""
+
+    def close(self) -> None:
+        self.reset()
+
+    def _weights(self, weights: dict) -> dict:
+        if self.layout == "meta":  # q/k rows in Meta's interleaved RoPE order, as its checkpoints store them
+            from harness.fixtures.sources.base import half_split_to_interleaved
+
+            H = self._config["num_attention_heads"]
+            Hkv = self._config["num_key_value_heads"]
+            weights = dict(weights, q_proj=half_split_to_interleaved(weights["q_proj"], H),
+                           k_proj=half_split_to_interleaved(weights["k_proj"], Hkv))  # fmt: skip
+        return weights
+
+
+class Builtin(Impl):
+    """A built-in (impl/ or the bug catalog): trusted code, run here, on fresh copies of every input."""
+
+    def __init__(self, spec: str, contract: str, fn, **kw):
+        super().__init__(spec, contract, **kw)
+        self.fn = fn
+
+    @property
+    def builtin(self) -> bool:
+        return True
+
+    def layer(self, key, config, weights, x, pos, mask):
+        w = {k: v.clone() for k, v in weights.items()}
+        with torch.no_grad():
+            out = self.fn(x.clone(), w, config=config, position_ids=pos.clone(),
+                          attention_mask=None if mask is None else mask.clone())  # fmt: skip
+        check_layer(results(out)[0], out, x)
+        return out
+
+    def core(self, q, k, v, *, causal=True, scale=None, mask=None):
+        with torch.no_grad():
+            value = self.fn(q.clone(), k.clone(), v.clone(), causal=causal, scale=scale,
+                            attention_mask=None if mask is None else mask.clone())  # fmt: skip
+        descs, _ = results(value)
+        items = list(value) if isinstance(value, tuple) else [value]
+        return check_core(descs, items, q)
+
+
+class Isolated(Impl):
+    """User code, run in its worker process; nothing it does reaches this process."""
+
+    def __init__(self, spec: str, contract: str, **kw):
+        super().__init__(spec, contract, **kw)
+        self.worker = Worker(spec, contract, self.device)
+        self.early: Fault | None = None  # a fault while importing, given as the first call's verdict
+
+    def prepare(self, timeout: float) -> None:
+        try:
+            self.worker.start(time.monotonic() + timeout)
+        except Fault as e:
+            self.early = e
+
+    def _raise_early(self) -> None:
+        if self.early is not None:
+            fault, self.early = self.early, None
+            raise fault
+
+    def layer(self, key, config, weights, x, pos, mask):
+        self._raise_early()
+        self._config = config
+        self.worker.weights(key, config, self._weights(weights), self.deadline)
+        t = {"x": x, "position_ids": pos} | ({} if mask is None else {"attention_mask": mask})
+        reply, out = self.worker.call({"op": "layer", "key": key}, t, self.deadline, "running the layer")
+        got = out.get("r0")
+        check_layer(reply["results"], got, x)
+        return got.to(x.device)
+
+    def core(self, q, k, v, *, causal=True, scale=None, mask=None):
+        self._raise_early()
+        t = {"q": q, "k": k, "v": v} | ({} if mask is None else {"attention_mask": mask})
+        reply, out = self.worker.call({"op": "core", "causal": causal, "scale": scale}, t, self.deadline,
+                                      "running the kernel")  # fmt: skip
+        items = [out.get(f"r{i}") for i in range(len(reply["results"]))]
+        return check_core(reply["results"], items, q)
+
+    @property
+    def alive(self) -> bool:
+        return self.worker.proc is not None
+
+    def reset(self) -> None:
+        self.worker.stop()
+
+
+def resolve(spec: str, contract: str = "layer", *, layout: str = "hf", device: str = "cpu") -> Impl:
+    """A spec as given on the command line -> an Impl. The user's code is not imported here (its worker does)."""
+    from impl import CORES, IMPLEMENTATIONS
+
+    builtins = {"layer": IMPLEMENTATIONS, "core": CORES, "module": {}}[contract]
+    if spec in builtins:
+        return Builtin(spec, contract, builtins[spec], layout=layout, device=device)
+    if ":" not in spec:
+        known = ", ".join(builtins) or "none (give module:factory)"
+        raise UserError(f"unknown implementation '{spec}' for the {contract} contract; built-ins: {known}, or give "
+                        "package.module:name (or path/to/file.py:name)")  # fmt: skip
+    mod_name, _, attr = spec.rpartition(":")
+    if not attr.isidentifier():
+        raise UserError(f"'{spec}': '{attr}' is not a Python name; give module:name or path/to/file.py:name")
+    if mod_name.endswith(".py") and not Path(mod_name).expanduser().is_file():
+        raise UserError(f"{mod_name}: no such file; give path/to/file.py:name")
+    return Isolated(spec, contract, layout=layout, device=device)
+
+
 def resolve_impl(spec: str):
-    """(name as given, the layer-contract callable)."""
+    """(name as given, the layer-contract callable) for a built-in or, in this process, a user's module (the bug
+    catalog's tests and the e2e tests use it; `verify` and `e2e` isolate user code through `resolve`)."""
     from impl import IMPLEMENTATIONS
 
     return spec, import_spec(spec, IMPLEMENTATIONS)
 
 
+def _dtype_name(t: torch.dtype) -> str:
+    return str(t).removeprefix("torch.")
+
+
+def _contract_error(what: str, desc: dict, want: str) -> Fault:
+    got = desc.get("type") if desc.get("type") != "tensor" else (
+        f"a {desc['layout']} tensor {desc['shape']} {desc['dtype']} on {desc['device']}")  # fmt: skip
+    return Fault("contract", f"{what}: returned {got}, expected {want} (see the contract)")
+
+
+def _check_tensor(what: str, desc: dict, t, shape, dtype, device) -> None:
+    want = f"a tensor {list(shape)} {_dtype_name(dtype)} on {device}"
+    if desc.get("type") != "tensor" or not desc.get("sendable") or t is None:
+        raise _contract_error(what, desc, want)
+    if desc["shape"] != list(shape) or desc["dtype"] != _dtype_name(dtype) or desc["device"] != str(device):
+        raise _contract_error(what, desc, want)
+
+
+def check_layer(descs: list[dict], out, x: torch.Tensor) -> None:
+    """A layer's output: one tensor of x's shape, dtype and device."""
+    if len(descs) != 1:
+        raise Fault("contract", f"the layer returned a tuple of {len(descs)}, expected one tensor {list(x.shape)}")
+    _check_tensor("the layer", descs[0], out, x.shape, x.dtype, x.device)
+
+
+def check_core(descs: list[dict], items: list, q: torch.Tensor):
+    """A kernel's output: out [B, H, Sq, d] in q's dtype, or (out, lse [B, H, Sq] float32)."""
+    if len(descs) not in (1, 2):
+        raise Fault("contract", f"the kernel returned a tuple of {len(descs)}, expected out or (out, lse)")
+    _check_tensor("the kernel's out", descs[0], items[0], q.shape, q.dtype, q.device)
+    lse = None
+    if len(descs) == 2:
+        _check_tensor("the kernel's lse", descs[1], items[1], q.shape[:3], torch.float32, q.device)
+        lse = items[1].to(q.device)
+    return items[0].to(q.device), lse
+
+
 def check_output(out, x: torch.Tensor) -> None:
-    """A layer's output must be a tensor of x's shape; anything else is a contract violation, not a number."""
-    if not torch.is_tensor(out) or out.shape != x.shape:
-        got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-        raise UserError(f"the implementation returned {got}, expected {tuple(x.shape)} (see the plug-in contract)")
+    """A layer's output checked where it runs (e2e's swapped modules): a Fault('contract') if it is wrong."""
+    check_layer([describe(out)], out, x)

@@ -44,8 +44,10 @@ class Reference:
 
         self.cfg = hf_config(config, attn_implementation)
         self.dtype = dtype
-        self.attn = LlamaAttention(self.cfg, layer).to(dtype).eval()
-        self.attn.load_state_dict({f"{n}.weight": w.to(dtype) for n, w in weights.items() if n.endswith("_proj")})
+        with torch.device("meta"):  # no random initialisation: the fixture's weights are assigned below
+            self.attn = LlamaAttention(self.cfg, layer).to(dtype).eval()
+        state = {f"{n}.weight": w.to(dtype, copy=True) for n, w in weights.items() if n.endswith("_proj")}
+        self.attn.load_state_dict(state, assign=True)
         self.rope = LlamaRotaryEmbedding(self.cfg)
 
     @torch.no_grad()

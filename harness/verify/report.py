@@ -15,10 +15,11 @@ def table(rows) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         c = r.c
-        res = "PASS" if c.passed else ("FAIL (NaN/Inf)" if c.nonfinite else "FAIL")
+        res = "PASS" if c.passed else (f"FAIL ({r.error})" if r.error else "FAIL (NaN/Inf)" if c.nonfinite else "FAIL")
+        name = r.scenario if r.check == "forward" else f"{r.scenario}:{r.check}"
         lines.append(
-            f"{r.fixture:{wf}s} {r.impl:{wi}s} {r.scenario:17s} {r.dtype:8s} {c.max_abs_err:11.2e} "
-            f"{c.err_vs_ref64:9.2e} {c.tolerance:9.2e}  {res}"
+            f"{r.fixture:{wf}s} {r.impl:{wi}s} {name:17s} {r.dtype:8s} {c.max_abs_err:11.2e} "
+            f"{c.err_vs_ref64:9.2e} {c.tolerance:9.2e}  {res[:160]}"
         )
     return "\n".join(lines)
 

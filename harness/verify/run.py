@@ -1,11 +1,16 @@
 """`attention-verify verify`: the pipeline, top to bottom.
 
     fixtures in -> scenarios (inputs) -> reference (HF eager in the scenario's dtype; HF in float64)
-    -> each implementation on the same inputs -> comparison (tolerance policy) -> diagnosis of a failing one
-    -> report (table, verdict lines, JSON)
+    -> each implementation on fresh copies of the same inputs (user code in its worker process)
+    -> comparison (tolerance policy) -> diagnosis of a failing one -> report (table, verdict lines, JSON)
 
-Also two checks of the reference itself per fixture: HF eager vs HF sdpa, and HF eager vs the fixture's stored
-golden output (drift in transformers).
+Layers (`--impl`) and modules (`--module`) run on every fixture; kernels (`--core`) on the kernel scenario matrix
+(kernels.py). Also two checks of the reference itself per fixture: HF eager vs HF sdpa, and HF eager vs the
+fixture's stored golden output (drift in transformers).
+
+A fault is a verdict, never a pass: an exception is stage `crash` (its traceback in the JSON), a worker that exits
+or dies is `crash` with its exit code or signal, a call past --timeout is `timeout` (the worker killed), a wrong
+type, shape, dtype or device is `contract`. The run goes on with the other implementations.
 """
 
 from __future__ import annotations
@@ -18,19 +23,22 @@ import torch
 
 from harness.common import Parser, UserError, compared_rows, write_json
 from harness.fixtures.format import Fixture, list_fixtures, load_fixture
-from harness.verify import report
-from harness.verify.compare import Comparison, compare
+from harness.verify import kernels, report
+from harness.verify.compare import Comparison, compare, not_run, within
 from harness.verify.diagnose import Run, diagnose
-from harness.verify.plugins import check_output, resolve_impl
+from harness.verify.plugins import CONTRACTS, LAYOUTS, Builtin, Impl, resolve
 from harness.verify.reference import Reference, Reference64
 from harness.verify.scenarios import BY_NAME, Scenario, select
+from harness.verify.worker import Fault
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TIMEOUT_S = 900.0  # per implementation and fixture (the kernel matrix counts as one fixture)
+KERNELS = "kernels"  # the fixture column of kernel rows
 
 
 @dataclass
 class Row:
-    """One (fixture, implementation, scenario) comparison."""
+    """One (fixture, implementation, scenario, check) comparison."""
 
     fixture: str
     impl: str
@@ -38,6 +46,8 @@ class Row:
     dtype: str
     seconds: float
     c: Comparison
+    check: str = "forward"  # "forward"; "lse" for a kernel's log-sum-exp
+    error: str | None = None  # why there is no output (a fault)
 
     @property
     def passed(self) -> bool:
@@ -45,7 +55,7 @@ class Row:
 
     def json(self) -> dict:
         return {"fixture": self.fixture, "impl": self.impl, "scenario": self.scenario, "dtype": self.dtype,
-                **asdict(self.c), "seconds": self.seconds}  # fmt: skip
+                "check": self.check, **asdict(self.c), "error": self.error, "seconds": self.seconds}  # fmt: skip
 
 
 @dataclass
@@ -54,11 +64,13 @@ class Verdict:
 
     fixture: str
     impl: str
+    contract: str
     passed: bool
     stage: str | None = None
     hint: str | None = None
     matched: str | None = None
     failing: list[str] = field(default_factory=list)
+    error: str | None = None  # a fault's traceback or message
 
     def json(self) -> dict:
         return asdict(self)
@@ -88,8 +100,13 @@ def resolve_fixtures(names: list[str] | None) -> list[Fixture]:
     return found
 
 
+def builtin(name: str, fn, contract: str = "layer") -> Impl:
+    """Harness code under test in this process (the bug catalog, tests)."""
+    return Builtin(name, contract, fn)
+
+
 # ---------------------------------------------------------------------------------------------------------
-# the pipeline
+# references
 
 
 def weights_in(f: Fixture, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -107,26 +124,16 @@ def reference(f: Fixture, s: Scenario, cache: dict) -> Case:
     return cache[key]
 
 
-def call_layer(fn, f: Fixture, x, pos, mask, weights=None) -> torch.Tensor:
-    """The implementation on fresh copies of the inputs: nothing it does to them reaches the references or the
-    next implementation."""
-    w = weights_in(f, x.dtype) if weights is None else {k: v.clone() for k, v in weights.items()}
-    m = None if mask is None else mask.clone()
-    with torch.no_grad():
-        out = fn(x.clone(), w, config=f.config, position_ids=pos.clone(), attention_mask=m)
-    check_output(out, x)
-    return out.to(x.dtype)
-
-
 def reference_checks(f: Fixture, scenarios: list[Scenario], cache) -> list[Row]:
     """HF eager vs HF sdpa (a check of the reference), and HF eager vs the stored golden (drift)."""
     rows = []
+    sdpa = Reference(f.config, weights_in(f, torch.float32), layer=f.layer, attn_implementation="sdpa")
     for s in scenarios:
         if s.dtype != torch.float32 or s.probe:
             continue
         r = reference(f, s, cache)
         t0 = time.perf_counter()
-        out = Reference(f.config, weights_in(f, s.dtype), layer=f.layer, attn_implementation="sdpa")(r.x, r.pos, r.mask)
+        out = sdpa(r.x, r.pos, r.mask)
         c = compare(out, r.ref, r.ref64, r.keep, s.dtype)
         rows.append(Row(f.name, "hf-sdpa", s.name, "float32", time.perf_counter() - t0, c))
     if f.inputs is not None:
@@ -136,38 +143,130 @@ def reference_checks(f: Fixture, scenarios: list[Scenario], cache) -> list[Row]:
     return rows
 
 
-def verify(fixtures: list[Fixture], impls: list[tuple[str, object]], dtypes: set, quick: bool, log=print,
-           cache: dict | None = None) -> tuple[list[Row], list[Verdict]]:  # fmt: skip
-    """cache: reference results keyed by (fixture contents, scenario), reusable across calls on the same fixtures."""
+# ---------------------------------------------------------------------------------------------------------
+# one implementation on one fixture (layers, modules), or on the kernel matrix (cores)
+
+
+def _dtype(t: torch.dtype) -> str:
+    return str(t).removeprefix("torch.")
+
+
+def _fault_verdict(fixture: str, impl: Impl, fault: Fault, failing: list[str]) -> Verdict:
+    return Verdict(fixture, impl.spec, impl.contract, False, fault.stage, fault.message, None, failing,
+                   fault.traceback or fault.message)  # fmt: skip
+
+
+def verify_layer(f: Fixture, impl: Impl, scenarios: list[Scenario], cache: dict, log, timeout: float):
+    rows, runs, failing, passing, fault = [], {}, [], [], None
+    impl.deadline = time.monotonic() + timeout
+    for s in scenarios:
+        r = reference(f, s, cache)
+        t0 = time.perf_counter()
+        out = err = None
+        if fault is None or impl.alive:  # after an exception it answers on; after a death or a timeout, not
+            try:
+                out = impl.layer(f"{f.key}:{_dtype(s.dtype)}", f.config, weights_in(f, s.dtype), r.x, r.pos, r.mask)
+            except Fault as e:
+                fault = fault or e
+                err = e.message
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a built-in that raises: the same verdict as user code
+                fault = fault or Fault("crash", f"raised {type(e).__name__}: {e}")
+                err = fault.message
+        else:
+            err = f"not run: {fault.message}"
+        if out is None:
+            log(f"  {f.name} {impl.spec} {s.name}: {err}")
+            rows.append(Row(f.name, impl.spec, s.name, _dtype(s.dtype), time.perf_counter() - t0,
+                            not_run(r.ref, s.dtype), error=err))  # fmt: skip
+            failing.append(s.name)
+            continue
+        c = compare(out, r.ref, r.ref64, r.keep, s.dtype)
+        rows.append(Row(f.name, impl.spec, s.name, _dtype(s.dtype), time.perf_counter() - t0, c))
+        runs[s.name] = Run(r.x, r.pos, r.mask, out, r.ref, s.dtype)
+        (passing if c.passed else failing).append(s.name)
+    if fault is not None:
+        impl.reset()
+        return rows, _fault_verdict(f.name, impl, fault, failing)
+    if not failing:
+        return rows, Verdict(f.name, impl.spec, impl.contract, True)
+    n = [0]
+
+    def probe(x, w, pos, mask):
+        n[0] += 1
+        return impl.layer(f"{f.key}:probe{n[0]}", f.config, w, x, pos, mask)
+
+    d = diagnose(f, runs, failing, passing, call=probe, fn=getattr(impl, "fn", None))
+    return rows, Verdict(f.name, impl.spec, impl.contract, False, d.stage, d.hint, d.matched, failing)
+
+
+def verify_kernel(impl: Impl, scenarios: list, cache: dict, log, timeout: float):
+    rows, runs, failing, passing, fault = [], {}, [], [], None
+    impl.deadline = time.monotonic() + timeout
+    for s in scenarios:
+        c = kernels.reference(s, cache.setdefault(KERNELS, {}))
+        t0 = time.perf_counter()
+        out = lse = err = None
+        if fault is None or impl.alive:  # after an exception the worker answers on; after a death, nothing
+            try:
+                out, lse = impl.core(c.q, c.k, c.v, causal=s.causal, scale=s.scale, mask=c.mask)
+            except Fault as e:
+                fault, err = fault or e, e.message
+            except Exception as e:  # noqa: BLE001
+                fault = fault or Fault("crash", f"raised {type(e).__name__}: {e}")
+                err = fault.message
+        else:
+            err = f"not run: {fault.message}"
+        dt = time.perf_counter() - t0
+        if out is None:
+            log(f"  {KERNELS} {impl.spec} {s.name}: {err}")
+            rows.append(Row(KERNELS, impl.spec, s.name, _dtype(s.dtype), dt, not_run(c.ref, s.dtype), error=err))
+            failing.append(s.name)
+            continue
+        cmp = compare(kernels.rows_of(out), kernels.rows_of(c.ref), kernels.rows_of(c.ref64), c.keep, s.dtype)
+        rows.append(Row(KERNELS, impl.spec, s.name, _dtype(s.dtype), dt, cmp))
+        (passing if cmp.passed else failing).append(s.name)
+        lse_err = None
+        if lse is not None:
+            lse_err = kernels.lse_error(lse, c)
+            rule = "|lse-lse64|<=1e-3" if s.dtype == torch.float32 else "|lse-lse64|<=2x|HF-lse64|+1e-3"
+            lc = within(lse_err, c.lse_tol, rule)
+            rows.append(Row(KERNELS, impl.spec, s.name, _dtype(s.dtype), 0.0, lc, check="lse"))
+            if not lc.passed:
+                failing.append(s.name + ":lse")
+        runs[s.name] = kernels.KernelRun(s, c, out, lse_err)
+    if fault is not None:
+        impl.reset()
+        return rows, _fault_verdict(KERNELS, impl, fault, failing)
+    if not failing:
+        return rows, Verdict(KERNELS, impl.spec, "core", True)
+    d = kernels.diagnose_kernel(runs, failing, passing, impl.core)
+    return rows, Verdict(KERNELS, impl.spec, "core", False, d.stage, d.hint, d.matched, failing)
+
+
+def verify(fixtures: list[Fixture], impls: list, dtypes: set, quick: bool, log=print, cache: dict | None = None,
+           timeout: float = TIMEOUT_S) -> tuple[list[Row], list[Verdict]]:  # fmt: skip
+    """impls: Impl objects (or (name, layer function) pairs for harness code, run in this process). cache:
+    reference results keyed by (fixture contents, scenario), reusable across calls."""
+    impls = [i if isinstance(i, Impl) else builtin(*i) for i in impls]
     rows: list[Row] = []
     verdicts: list[Verdict] = []
     cache = {} if cache is None else cache
-    for f in fixtures:
-        scenarios = select(f, dtypes, quick)
-        rows += reference_checks(f, scenarios, cache)
-        for name, fn in impls:
-            runs, failing, passing = {}, [], []
-            for s in scenarios:
-                r = reference(f, s, cache)
-                t0 = time.perf_counter()
-                try:
-                    out = call_layer(fn, f, r.x, r.pos, r.mask)
-                except UserError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - a crash is a failure with a reason, not a traceback
-                    log(f"  {f.name} {name} {s.name}: raised {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-                    out = torch.full_like(r.ref, float("nan"))
-                c = compare(out, r.ref, r.ref64, r.keep, s.dtype)
-                dtype = str(s.dtype).removeprefix("torch.")
-                rows.append(Row(f.name, name, s.name, dtype, time.perf_counter() - t0, c))
-                runs[s.name] = Run(r.x, r.pos, r.mask, out, r.ref, s.dtype)
-                (passing if c.passed else failing).append(s.name)
-            if failing:
-                probe = lambda x, w, pos, mask, fn=fn, f=f: call_layer(fn, f, x, pos, mask, weights=w)  # noqa: E731
-                d = diagnose(f, runs, failing, passing, call=probe, fn=fn)
-                verdicts.append(Verdict(f.name, name, False, d.stage, d.hint, d.matched, failing))
-            else:
-                verdicts.append(Verdict(f.name, name, True))
+    layers = [i for i in impls if i.contract != "core"]
+    if layers:
+        for f in fixtures:
+            scenarios = select(f, dtypes, quick)
+            rows += reference_checks(f, scenarios, cache)
+            for impl in layers:
+                r, v = verify_layer(f, impl, scenarios, cache, log, timeout)
+                rows += r
+                verdicts.append(v)
+    for impl in (i for i in impls if i.contract == "core"):
+        scenarios = kernels.select(dtypes, quick, slow_kernel=getattr(impl, "interpreted", False))
+        r, v = verify_kernel(impl, scenarios, cache, log, timeout)
+        rows += r
+        verdicts.append(v)
     return rows, verdicts
 
 
@@ -179,24 +278,47 @@ def main(argv=None) -> int:
     p = Parser(prog="attention-verify verify",
                description="Verify attention implementations against transformers' LlamaAttention.")  # fmt: skip
     p.many("--fixture", help="fixture names or directories (default: every fixture); repeatable")
-    p.many("--impl", help="built-in names or module:function (default: every built-in); repeatable")
+    p.many("--impl", help="layers: built-in names or module:function (attention(x, weights, *, config, "
+           "position_ids, attention_mask=None)); repeatable")  # fmt: skip
+    p.many("--module", help="modules: module:factory, build(config, weights) -> layer(x, position_ids, "
+           "attention_mask=None); repeatable")  # fmt: skip
+    p.many("--core", help="kernels: built-in names or module:function, attn(q, k, v, *, causal=True, scale=None, "
+           "attention_mask=None) -> out or (out, lse); repeatable")  # fmt: skip
+    p.add_argument("--weights-layout", choices=LAYOUTS, default="hf",
+                   help="q/k rows as HF stores them (half-split RoPE pairs, default) or as Meta's checkpoints do "
+                   "(interleaved pairs), for --module and --impl")  # fmt: skip
     p.many("--dtype", split=True, default=list(DTYPES), help="dtypes (default: all three); repeatable, commas too")
     p.add_argument("--quick", action="store_true", help="the short scenario set")
+    p.add_argument("--timeout", type=float, default=TIMEOUT_S, metavar="SECONDS",
+                   help=f"per implementation and fixture (default {TIMEOUT_S:g}): past it, stage timeout")
     p.add_argument("--json", type=Path, help="write the results as JSON")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     unknown = [d for d in a.dtype if d not in DTYPES]
     if unknown:
         raise UserError(f"--dtype: unknown dtype '{unknown[0]}'; choose from {', '.join(DTYPES)}")
+    if not a.timeout > 0:
+        raise UserError(f"--timeout {a.timeout:g}: give a positive number of seconds")
     dtypes = {DTYPES[d] for d in a.dtype}
-    from impl import IMPLEMENTATIONS
+    from impl import CORES, IMPLEMENTATIONS
 
-    impls = [resolve_impl(s) for s in dict.fromkeys(a.impl or list(IMPLEMENTATIONS))]
+    asked = {"layer": a.impl, "module": a.module, "core": a.core}
+    if not any(asked.values()):  # the default: every built-in layer and every built-in kernel
+        asked = {"layer": list(IMPLEMENTATIONS), "module": [], "core": list(CORES)}
+    impls = [resolve(spec, contract, layout=a.weights_layout)
+             for contract in CONTRACTS for spec in dict.fromkeys(asked[contract] or [])]  # fmt: skip
     fixtures = resolve_fixtures(list(dict.fromkeys(a.fixture)) if a.fixture else None)
     torch.manual_seed(0)
-    rows, verdicts = verify(fixtures, impls, dtypes, a.quick)
+    try:
+        for i in impls:
+            i.prepare(a.timeout)  # the user's code imported now: a bad spec stops the run before any work
+        rows, verdicts = verify(fixtures, impls, dtypes, a.quick, timeout=a.timeout)
+    finally:
+        for i in impls:
+            i.close()
     seconds = time.perf_counter() - t0
-    report.print_report(rows, verdicts, seconds, len(fixtures), len(impls))
+    n_layers = sum(i.contract != "core" for i in impls)
+    report.print_report(rows, verdicts, seconds, len(fixtures) if n_layers else 0, len(impls))
     if a.json:
         write_json(a.json, report.document(rows, verdicts, seconds))
     return 0 if all(r.passed for r in rows) else 1
