@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -71,11 +73,19 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     try:
         return main(argv)
     except UserError as e:
-        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        print(f"error: {redact(one_line(str(e)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 130
+
+
+_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """Credentials inside URLs (scheme://user:secret@host) removed: nothing printed or stored carries them."""
+    return _CREDENTIALS.sub(r"\1", text)
 
 
 def one_line(text: str, limit: int | None = None) -> str:
@@ -88,7 +98,15 @@ def one_line(text: str, limit: int | None = None) -> str:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
+    """Write a result file: a temporary file renamed into place. Whatever is at path must be a regular file (a
+    symlink, a FIFO or a device is refused, never replaced)."""
     path = Path(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        raise UserError(f"{path}: exists and is not a regular file; give the path of a regular file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:

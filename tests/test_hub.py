@@ -192,3 +192,21 @@ def test_unreachable_endpoint(tmp_path, hf_env, monkeypatch, capsys):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: connection refused
     rc, err = _cli(["--source", f"hf:{REPO}", "--out", str(tmp_path / "fx")], capsys)
     assert rc == 2 and "cannot reach" in one_line_error(err)
+
+
+def test_credentials_inside_the_endpoint_url_are_never_printed_or_stored(tmp_path, hub, monkeypatch, capsys):
+    """HF_ENDPOINT=https://user:secret@host: the secret reaches neither a line printed nor a file written."""
+    secret = "s3cr3t-pa55"
+    monkeypatch.setenv("HF_ENDPOINT", hub.url.replace("://", f"://alice:{secret}@"))
+    rc = cli(["--source", f"hf:{REPO}", "--out", str(tmp_path / "fx")])
+    printed = capsys.readouterr()
+    assert secret not in printed.out + printed.err
+    if rc == 0:  # the endpoint took the credentials: the manifest keeps the endpoint, without them
+        manifest = (tmp_path / "fx" / "manifest.json").read_text()
+        assert "alice" not in manifest and secret not in manifest and "127.0.0.1" in manifest
+        assert not any(secret.encode() in p.read_bytes() for p in (tmp_path / "fx").iterdir())
+    else:
+        assert rc == 2 and secret not in one_line_error(printed.err)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://alice:{secret}@127.0.0.1:9")  # unreachable: the error line too
+    rc, err = _cli(["--source", f"hf:{REPO}", "--out", str(tmp_path / "fy")], capsys)
+    assert rc == 2 and "cannot reach" in one_line_error(err) and secret not in err and "127.0.0.1:9" in err

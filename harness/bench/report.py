@@ -12,6 +12,7 @@ from pathlib import Path
 from harness.bench.cases import CORE, LAYER, core_flops, io_model, llama_config, shape_of
 from harness.bench.run import QUICK_SEQS, Options, Row, run
 from harness.common import DOCS, Parser, UserError, run_cli, write_atomic, write_json
+from harness.fixtures.validate import output_path
 
 DOCS_JSON, DOCS_PNG = DOCS / "bench.json", DOCS / "bench.png"
 
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
                    help="measure nothing: redraw the figure (--plot, default docs/bench.png) from --json rows")
     a = p.parse_args(argv)
     if a.replot:
-        return replot(a.replot, a.plot or DOCS_PNG)
+        return replot(a.replot, output_path(a.plot or DOCS_PNG, "--plot"))
     if a.runs < 1:
         raise UserError(f"--runs {a.runs}: give at least 1 (5 or more for a median worth reporting)")
     opt = Options(runs=a.runs, max_config_s=a.max_config_s)
@@ -160,9 +161,9 @@ def main(argv=None) -> int:
     full = not (a.quick or a.seq or a.impl)  # the documented run: it refreshes docs/
     json_path = a.json or (DOCS_JSON if full else None)
     png_path = a.plot or (DOCS_PNG if full else None)
-    for path in (json_path, png_path):
-        if path is not None and path.exists() and path.is_dir():
-            raise UserError(f"{path} is a directory: give a file path")
+    for path, option in ((json_path, "--json"), (png_path, "--plot")):
+        if path is not None:
+            output_path(path, option)
 
     t0 = time.perf_counter()
     rows, info = run(opt)

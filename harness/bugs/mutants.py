@@ -131,6 +131,7 @@ def markdown(results: list[Result], seconds: float, fixtures: list[str]) -> str:
 
 def main(argv=None) -> int:
     from harness.common import Parser, UserError, update_generated, write_json
+    from harness.fixtures.validate import output_path
     from harness.verify.run import resolve_fixtures
 
     p = Parser(prog="attention-verify mutants", description="Score the harness on the catalog of attention bugs.")
@@ -139,6 +140,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the results as JSON to this path")
     p.add_argument("--doc", help="rewrite the generated table of this docs page (docs/mutants.md)")
     a = p.parse_args(argv)
+    for path, option in ((a.json, "--json"), (a.doc, "--doc")):
+        if path:
+            output_path(path, option)
     unknown = [n for n in a.mutant or [] if n not in BY_NAME]
     if unknown:
         raise UserError(f"unknown mutant '{unknown[0]}'; see the catalog in harness/bugs/catalog.py")

@@ -17,6 +17,7 @@ import torch
 
 from harness.common import DOCS, ROOT, Parser, UserError, write_atomic
 from harness.fixtures.format import WEIGHT_NAMES
+from harness.fixtures.validate import output_path
 
 DEFAULT_OUT = DOCS / "attention.png"
 DEFAULT_PROMPT = "The Eiffel Tower is in Paris, and the Colosseum is in Rome."
@@ -117,6 +118,7 @@ def main(argv=None) -> int:
         raise UserError("--prompt is empty; give a sentence")
     if a.out.suffix.lower() != ".png":
         raise UserError(f"--out {a.out}: expected a .png path")
+    output_path(a.out, "--out")
 
     model = load_model(a.model)
     L, H = model.config["num_hidden_layers"], model.config["num_attention_heads"]

@@ -315,6 +315,7 @@ def report(model, impl: str, results: list[PromptResult], n: int, log=print) -> 
 
 def main(argv=None) -> int:
     from harness.e2e.model import DEFAULT_MODEL, load_model
+    from harness.fixtures.validate import output_path
     from harness.verify.plugins import LAYOUTS, resolve
     from harness.verify.worker import Fault
     from impl import CORES
@@ -336,6 +337,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.tokens < 1:
         raise UserError(f"--tokens {a.tokens}: must be at least 1")
+    if not a.timeout > 0:
+        raise UserError(f"--timeout {a.timeout:g}: give a positive number of seconds")
+    if a.json:
+        output_path(a.json, "--json")
     if a.impl and a.module:
         raise UserError("give --impl or --module, not both")
     prompts = read_prompts(a.prompts)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from harness.common import Parser
+from harness.common import Parser, UserError, one_line
 
 
 def main(argv=None) -> int:
@@ -17,7 +17,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     fixtures = []
     for path in list_fixtures():
-        f = load_fixture(path, verify=False)
+        try:
+            f = load_fixture(path, verify=False)
+        except UserError as e:  # one broken fixture is reported in the listing; the others are still listed
+            fixtures.append({"name": path.name, "broken": one_line(str(e))})
+            continue
         fixtures.append({"name": f.name, "synthetic": f.synthetic, "layer": f.layer, "model": f.manifest.get("model")})
     scen = [
         {"name": s.name, "dtype": str(s.dtype).removeprefix("torch."), "quick": s.quick, "isolates": s.isolates}
@@ -28,6 +32,9 @@ def main(argv=None) -> int:
         return 0
     print("fixtures:")
     for f in fixtures:
+        if "broken" in f:
+            print(f"  {f['name']:26s} BROKEN: {f['broken']}")
+            continue
         print(
             f"  {f['name']:26s} {'synthetic' if f['synthetic'] else 'real'} weights, layer {f['layer']}, {f['model']}"
         )

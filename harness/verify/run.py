@@ -23,6 +23,7 @@ import torch
 
 from harness.common import Parser, UserError, compared_rows, write_json
 from harness.fixtures.format import Fixture, list_fixtures, load_fixture
+from harness.fixtures.validate import output_path
 from harness.verify import kernels, report
 from harness.verify.compare import Comparison, compare, not_run, within
 from harness.verify.diagnose import Run, diagnose
@@ -120,6 +121,12 @@ def reference(f: Fixture, s: Scenario, cache: dict) -> Case:
         x, pos, mask = s.build(f, s.dtype)
         ref = Reference(f.config, weights_in(f, s.dtype), layer=f.layer, dtype=s.dtype)(x, pos, mask)
         ref64 = Reference64(f.config, f.weights, layer=f.layer)(x, pos, mask)
+        keep = compared_rows(x, mask)
+        if not (torch.isfinite(ref64[keep]).all() and torch.isfinite(ref[keep]).all()):
+            # the judge's own answer is not a number: a fixture problem, never an implementation's fault
+            raise UserError(f"{f.path}: transformers' own output is NaN/Inf on scenario {s.name} "
+                            f"({str(s.dtype).removeprefix('torch.')}): the fixture's weights do not make a working "
+                            "layer; re-extract it from a real checkpoint")  # fmt: skip
         cache[key] = Case(x, pos, mask, ref, ref64)
     return cache[key]
 
@@ -139,6 +146,14 @@ def reference_checks(f: Fixture, scenarios: list[Scenario], cache) -> list[Row]:
     if f.inputs is not None:
         r = reference(f, BY_NAME["prompt"], cache)
         c = compare(f.inputs["golden"], r.ref, r.ref64, r.keep, torch.float32)
+        import transformers
+
+        made_with = (f.manifest.get("versions") or {}).get("transformers")
+        if not c.passed and made_with == transformers.__version__:
+            # the same transformers gave another output at extraction: the fixture changed, not transformers
+            raise UserError(f"{f.path}: the golden output stored at extraction disagrees with transformers "
+                            f"{made_with}, the version that wrote it (max abs {c.max_abs_err:.2e}): the weights or "
+                            "inputs were changed after extraction (and re-hashed); re-extract the fixture")  # fmt: skip
         rows.append(Row(f.name, "golden", "prompt", "float32", 0.0, c))
     return rows
 
@@ -294,6 +309,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, help="write the results as JSON")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
+    if a.json:
+        output_path(a.json, "--json")  # found now, not after the whole run
     unknown = [d for d in a.dtype if d not in DTYPES]
     if unknown:
         raise UserError(f"--dtype: unknown dtype '{unknown[0]}'; choose from {', '.join(DTYPES)}")

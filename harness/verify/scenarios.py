@@ -62,7 +62,8 @@ def _packed(f, dt):
 def _sparse(f, dt):
     """Sorted random positions over the whole context: unequal, long distances (a constant offset would
     change nothing, RoPE being relative); this is where frequency bugs show."""
-    S, top = 96, int(f.config.get("max_position_embeddings", 131072))
+    S = 96
+    top = max(int(f.config.get("max_position_embeddings") or 131072), 4 * S)  # a tiny context still gets 96 positions
     g = torch.Generator().manual_seed(13)
     pos = torch.sort(torch.randperm(top, generator=g)[:S]).values[None]
     pos[0, 0] = 0
