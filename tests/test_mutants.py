@@ -28,6 +28,7 @@ REQUIRED = {
     "head_split_no_transpose", "rope_interleaved", "rope_wrong_sign", "rope_q_only", "rope_on_v",
     "positions_ignored", "llama3_missing", "llama3_factor_8", "angles_bf16", "o_proj_transposed",
     "tiled_no_rescale", "tiled_drops_last_block", "tiled_diagonal_mask", "decode_wrong_position",
+    "rope_table_bf16", "pv_fp16_accumulator",  # with angles_bf16 and softmax_low_precision: the precision four
 }  # fmt: skip
 QUIET = {"log": lambda *_: None}
 

@@ -31,10 +31,13 @@ STAGES = (
     "gqa",
     "rope",
     "rope_frequencies",
+    "rope_precision",
     "scale",
     "causal_mask",
     "padding_mask",
     "softmax",
+    "softmax_precision",
+    "accumulation_precision",
     "tiling",
     "lse",
     "output_projection",
@@ -147,6 +150,14 @@ def tables_theta_10000(config, position_ids, dtype):
     return tables({**config, "rope_parameters": {**rp, "rope_theta": 10000.0}}, position_ids, dtype)  # Llama-2's
 
 
+def tables_rounded(to: torch.dtype):
+    def tables_low(config, position_ids, dtype):
+        cos, sin = tables(config, position_ids, torch.float32)  # a rotary cache kept in half precision
+        return cos.to(to).to(dtype), sin.to(to).to(dtype)
+
+    return tables_low
+
+
 def tables_bf16_angles(config, position_ids, dtype):
     inv, scaling = rope.inv_freq(config)
     ang = position_ids.to(torch.bfloat16)[..., None] * inv.to(torch.bfloat16)  # (B, S, d/2) in bfloat16
@@ -185,9 +196,21 @@ def softmax_over_queries(s, allowed):
     return e / e.sum(dim=-2, keepdim=True).clamp(min=1e-30)  # dim=-2: normalised over the queries
 
 
-def softmax_half(s, allowed):
-    p = masks.masked_softmax(s.half(), allowed)  # "fp16 is enough for probabilities" (mixed-precision habit)
-    return p.to(s.dtype)
+def softmax_in(to: torch.dtype):
+    def softmax_low(s, allowed):
+        return masks.masked_softmax(s.to(to), allowed).to(s.dtype)  # "half is enough for probabilities"
+
+    return softmax_low
+
+
+def aggregate_fp16_accumulator(probs, v, block: int = 16):
+    """probabilities @ v with the running sum kept in float16, as a tiled kernel with an fp16 accumulator does:
+    each key block's partial product is exact, every addition to the accumulator rounds to float16."""
+    out = torch.zeros(*probs.shape[:-1], v.shape[-1], dtype=torch.float16)  # (B, H, Sq, d)
+    for j in range(0, v.shape[-2], block):
+        part = probs[..., j : j + block].to(v.dtype) @ v[..., j : j + block, :]  # (B, H, Sq, d)
+        out = (out.to(part.dtype) + part).half()
+    return out.to(v.dtype)
 
 
 def softmax_nan_rows(s, allowed):
@@ -337,8 +360,11 @@ CATALOG: list[Bug] = [
     Bug("softmax_wrong_dim", "softmax", "softmax over dim=-2 (the queries)",
         "the softmax looks normalised over the queries (dim=-2): normalise over the keys (dim=-1)",
         {"softmax": softmax_over_queries}),
-    Bug("softmax_low_precision", "softmax", "scores cast to float16 for the softmax",
-        "the softmax looks computed in float16: compute it in float32", {"softmax": softmax_half}),
+    Bug("softmax_low_precision", "softmax_precision", "scores cast to float16 for the softmax",
+        "the softmax looks computed in float16: compute it (max, exp, sum) in float32",
+        {"softmax": softmax_in(torch.float16)}),
+    Bug("softmax_bf16", "softmax_precision", "softmax computed in bfloat16",
+        "compute the softmax in float32", {"softmax": softmax_in(torch.bfloat16)}, **HELD),
     Bug("softmax_no_max", "softmax", "exp(scores) without subtracting the row max",
         "subtract the row max before exp", {"softmax": softmax_no_max}, **HELD),
     Bug("masked_rows_nan", "nonfinite", "torch.softmax over an all -inf row gives NaN",
@@ -394,9 +420,17 @@ CATALOG: list[Bug] = [
     Bug("rope_theta_10000", "rope_frequencies", "rope_theta hard-coded to 10000 (Llama 2's)",
         "take rope_theta from the config", {"tables": tables_theta_10000},
         shows=lambda c: c["rope_parameters"]["rope_theta"] != 10000.0, **HELD),
-    Bug("angles_bf16", "rope_frequencies", "position * inv_freq computed in bfloat16",
+    Bug("angles_bf16", "rope_precision", "position * inv_freq computed in bfloat16",
         "RoPE angles look computed in bfloat16: compute position * inv_freq in float32",
         {"tables": tables_bf16_angles}),
+    Bug("rope_table_bf16", "rope_precision", "the cos/sin cache kept in bfloat16 (gpt-fast's default)",
+        "the RoPE cos/sin table looks stored in bfloat16: keep it in float32",
+        {"tables": tables_rounded(torch.bfloat16)}),
+    Bug("rope_table_fp16", "rope_precision", "the cos/sin cache kept in float16",
+        "keep the cos/sin table in float32", {"tables": tables_rounded(torch.float16)}, **HELD),
+    Bug("pv_fp16_accumulator", "accumulation_precision", "probabilities @ values accumulated in float16",
+        "the probabilities-times-values sum looks accumulated in float16: accumulate in float32",
+        {"aggregate": aggregate_fp16_accumulator}),
     # o_proj and the tiled loop
     Bug("tiled_no_rescale", "tiling", "accumulator not rescaled when the running max grows",
         "rescale the accumulator by exp(m - m') when the running max changes", {"core": _tiled("no_rescale")},

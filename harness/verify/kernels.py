@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.bugs import catalog, pipeline
-from harness.verify.diagnose import Diagnosis, _maxdiff
+from harness.verify.diagnose import Diagnosis, _maxdiff, _rms, precision_steps
 
 LSE_TOL = 1e-3  # float32, natural-log units: 0.1% on every probability; float32 kernels land near 1e-6
 # half precision: the FlashAttention rule, 2x the error of HF's own scores (matmul in the dtype, logsumexp in
@@ -202,12 +202,15 @@ def diagnose_kernel(runs: dict[str, KernelRun], failing: list[str], passing: lis
     fp32 = [n for n in out_fail if runs[n].s.dtype == torch.float32 and runs[n].s.Sq * runs[n].s.Sk <= 300 * 300]
     if fp32:
         best = None
-        for b in catalog.kernel_suspects():
-            worst = _match(b.kernel(), runs, fp32)
-            if worst is not None and (best is None or worst < best[1]):
-                best = (b, worst)
+        found = [(b.name, b.stage, b.hint, b.kernel()) for b in catalog.kernel_suspects()]
+        found += [(n, st, h, pipeline.core(**steps)) for n, st, h, steps in precision_steps()
+                  if set(steps) <= pipeline.KERNEL_STEPS]  # fmt: skip
+        for name, stage, hint, fn in found:
+            worst = _match(fn, runs, fp32)
+            if worst is not None and (best is None or worst < 0.99 * best[3]):
+                best = (name, stage, hint, worst)
         if best is not None:
-            return Diagnosis(best[0].stage, best[0].hint, best[0].name)
+            return Diagnosis(best[1], best[2], best[0])
         found = _scale_fit(runs, fp32)
         if found is not None:
             return found
@@ -219,6 +222,21 @@ def diagnose_kernel(runs: dict[str, KernelRun], failing: list[str], passing: lis
         if found is not None:
             return found
     return _pattern(set(out_fail), set(passing), runs)
+
+
+def diagnose_precision(runs: dict[str, KernelRun], imprecise: list[str]) -> Diagnosis:
+    """A kernel that passes but is far less precise: which of its steps, lowered to bf16 or fp16, it matches."""
+    names = [n for n in imprecise if runs[n].s.dtype == torch.float32 and runs[n].s.Sq * runs[n].s.Sk <= 300 * 300]
+    best = None
+    for name, stage, hint, steps in precision_steps():
+        if not set(steps) <= pipeline.KERNEL_STEPS or not names:
+            continue
+        worst = _match(pipeline.core(**steps), runs, names)
+        if worst is not None and (best is None or worst < 0.99 * best[3]):
+            best = (name, stage, hint, worst)
+    if best is not None:
+        return Diagnosis(best[1], best[2], best[0])
+    return Diagnosis("unknown", "no single step explains the lost precision: " + ", ".join(sorted(imprecise)))
 
 
 def rows_keep(r: KernelRun) -> torch.Tensor:
@@ -236,9 +254,9 @@ def _match(fn, runs, names) -> float | None:
             sus = sus[0] if isinstance(sus, tuple) else sus
         except Exception:  # noqa: BLE001
             return None
-        keep = rows_keep(r)
-        got, base = _maxdiff(r.out, sus, keep), _maxdiff(r.out, r.c.ref, keep)
-        if not got <= 0.1 * base:
+        keep = rows_keep(r)  # the same criterion as a layer's suspects (diagnose._match)
+        got, base = _rms(r.out, sus, keep), _rms(r.out, r.c.ref, keep)
+        if not got <= 0.3 * base + 2 * _rms(r.c.ref, r.c.ref64, keep):
             return None
         worst = max(worst, got / max(base, 1e-30))
     return worst

@@ -16,6 +16,8 @@ def table(rows) -> str:
     for r in rows:
         c = r.c
         res = "PASS" if c.passed else (f"FAIL ({r.error})" if r.error else "FAIL (NaN/Inf)" if c.nonfinite else "FAIL")
+        if c.imprecise:
+            res = f"PASS* ({c.precision_ratio:.0f}x less precise than HF)"
         name = r.scenario if r.check == "forward" else f"{r.scenario}:{r.check}"
         lines.append(
             f"{r.fixture:{wf}s} {r.impl:{wi}s} {name:17s} {r.dtype:8s} {c.max_abs_err:11.2e} "
@@ -24,12 +26,16 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def verdict_lines(verdicts) -> list[str]:
-    return [
-        f"FAIL {v.fixture} / {v.impl}: stage {v.stage}: {v.hint} (failing: {', '.join(v.failing)})"
-        for v in verdicts
-        if not v.passed
-    ]
+def verdict_lines(verdicts, strict: bool = False) -> list[str]:
+    lines = []
+    for v in verdicts:
+        if not v.passed:
+            lines.append(f"FAIL {v.fixture} / {v.impl}: stage {v.stage}: {v.hint} (failing: {', '.join(v.failing)})")
+        elif v.imprecise:
+            mark = "FAIL (--strict)" if strict else "PASS*"
+            where = ", ".join(v.failing)
+            lines.append(f"{mark} {v.fixture} / {v.impl}: stage {v.stage}: {v.hint} (imprecise: {where})")
+    return lines
 
 
 def reference_lines(rows) -> list[str]:
@@ -41,19 +47,46 @@ def reference_lines(rows) -> list[str]:
     ]
 
 
-def print_report(rows, verdicts, seconds: float, n_fixtures: int, n_impls: int, out=print) -> None:
+def print_report(rows, verdicts, seconds: float, n_fixtures: int, n_impls: int, out=print, strict=False) -> None:
     out(table(rows))
-    for line in verdict_lines(verdicts) + reference_lines(rows):
+    for line in verdict_lines(verdicts, strict) + reference_lines(rows):
         out(line)
     n_pass = sum(r.passed for r in rows)
+    n_imprecise = sum(r.c.imprecise for r in rows)
     out(f"{n_pass} passed, {len(rows) - n_pass} failed in {seconds:.1f} s "
-        f"({n_fixtures} fixtures x {n_impls} implementations)")  # fmt: skip
+        f"({n_fixtures} fixtures x {n_impls} implementations)"
+        + (f"; {n_imprecise} imprecise (PASS*{', failures under --strict' if strict else ''})" if n_imprecise else ""))
 
 
-def document(rows, verdicts, seconds: float) -> dict:
+def precision_markdown(rows) -> str:
+    """The largest precision ratio per implementation (transformers' sdpa path included) and scenario: the table
+    behind the limit (docs/precision.md)."""
+    from harness.verify.compare import PRECISION_LIMIT
+
+    impls = list(dict.fromkeys(r.impl for r in rows if r.impl != "golden" and r.check == "forward"))
+    scen = list(dict.fromkeys(r.scenario for r in rows if r.check == "forward"))
+    worst = {}
+    for r in rows:
+        if r.impl in impls and r.check == "forward" and r.c.precision_ratio == r.c.precision_ratio:
+            k = (r.impl, r.scenario)
+            worst[k] = max(worst.get(k, 0.0), r.c.precision_ratio)
+    lines = ["| implementation | " + " | ".join(f"`{s}`" for s in scen) + " | max |",
+             "|---|" + "---|" * (len(scen) + 1)]  # fmt: skip
+    for i in impls:
+        vals = [worst.get((i, s)) for s in scen]
+        cells = ["" if v is None else f"{v:.2f}" for v in vals]
+        top = max([v for v in vals if v is not None] or [0.0])
+        lines.append(f"| `{i}` | " + " | ".join(cells) + f" | **{top:.2f}** |")
+    overall = max(worst.values() or [0.0])
+    lines += ["", f"Largest ratio of any of them: **{overall:.2f}**; the limit is **{PRECISION_LIMIT:g}**."]
+    return "\n".join(lines)
+
+
+def document(rows, verdicts, seconds: float, strict: bool = False) -> dict:
     n_pass = sum(r.passed for r in rows)
     return {
-        "summary": {"passed": n_pass, "failed": len(rows) - n_pass, "seconds": round(seconds, 3)},
+        "summary": {"passed": n_pass, "failed": len(rows) - n_pass, "imprecise": sum(r.c.imprecise for r in rows),
+                    "strict": strict, "seconds": round(seconds, 3)},
         "results": [r.json() for r in rows],
         "verdicts": [v.json() for v in verdicts],
     }

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from harness.common import Parser, UserError, compared_rows, write_json
+from harness.common import Parser, UserError, compared_rows, update_generated, write_json
 from harness.fixtures.format import Fixture, list_fixtures, load_fixture
-from harness.fixtures.validate import output_path
+from harness.fixtures.validate import output_dir, output_path
 from harness.verify import kernels, report
 from harness.verify.compare import Comparison, compare, not_run, within
-from harness.verify.diagnose import Run, diagnose
+from harness.verify.diagnose import Run, diagnose, diagnose_precision
 from harness.verify.plugins import CONTRACTS, LAYOUTS, Builtin, Impl, resolve
 from harness.verify.reference import Reference, Reference64
 from harness.verify.scenarios import BY_NAME, Scenario, select
@@ -72,6 +72,8 @@ class Verdict:
     matched: str | None = None
     failing: list[str] = field(default_factory=list)
     error: str | None = None  # a fault's traceback or message
+    imprecise: bool = False  # passes the gate, but some check is far less precise than transformers
+    precision_ratio: float = 0.0  # the largest over its checks (1 = as precise as transformers)
 
     def json(self) -> dict:
         return asdict(self)
@@ -171,8 +173,11 @@ def _fault_verdict(fixture: str, impl: Impl, fault: Fault, failing: list[str]) -
                    fault.traceback or fault.message)  # fmt: skip
 
 
-def verify_layer(f: Fixture, impl: Impl, scenarios: list[Scenario], cache: dict, log, timeout: float):
+def verify_layer(f: Fixture, impl: Impl, scenarios: list[Scenario], cache: dict, log, timeout: float,
+                 keep: dict | None = None):  # fmt: skip
     rows, runs, failing, passing, fault = [], {}, [], [], None
+    if keep is not None:
+        keep[(f.name, impl.spec)] = runs  # the evidence, for the pictures
     impl.deadline = time.monotonic() + timeout
     for s in scenarios:
         r = reference(f, s, cache)
@@ -199,25 +204,41 @@ def verify_layer(f: Fixture, impl: Impl, scenarios: list[Scenario], cache: dict,
             continue
         c = compare(out, r.ref, r.ref64, r.keep, s.dtype)
         rows.append(Row(f.name, impl.spec, s.name, _dtype(s.dtype), time.perf_counter() - t0, c))
-        runs[s.name] = Run(r.x, r.pos, r.mask, out, r.ref, s.dtype)
+        runs[s.name] = Run(r.x, r.pos, r.mask, out, r.ref, s.dtype, r.ref64)
         (passing if c.passed else failing).append(s.name)
     if fault is not None:
         impl.reset()
         return rows, _fault_verdict(f.name, impl, fault, failing)
-    if not failing:
-        return rows, Verdict(f.name, impl.spec, impl.contract, True)
     n = [0]
 
     def probe(x, w, pos, mask):
         n[0] += 1
         return impl.layer(f"{f.key}:probe{n[0]}", f.config, w, x, pos, mask)
 
-    d = diagnose(f, runs, failing, passing, call=probe, fn=getattr(impl, "fn", None))
-    return rows, Verdict(f.name, impl.spec, impl.contract, False, d.stage, d.hint, d.matched, failing)
+    if failing:
+        d = diagnose(f, runs, failing, passing, call=probe, fn=getattr(impl, "fn", None))
+        return rows, _precision(rows, Verdict(f.name, impl.spec, impl.contract, False, d.stage, d.hint, d.matched,
+                                              failing))  # fmt: skip
+    v = _precision(rows, Verdict(f.name, impl.spec, impl.contract, True))
+    if v.imprecise:
+        imprecise = [r.scenario for r in rows if r.c.imprecise]
+        d = diagnose_precision(f, runs, imprecise, probe)
+        v.stage, v.matched, v.failing = d.stage, d.matched, imprecise
+        v.hint = f"passes the 1e-3 gate but is {v.precision_ratio:.0f}x less precise than transformers: {d.hint}"
+    return rows, v
 
 
-def verify_kernel(impl: Impl, scenarios: list, cache: dict, log, timeout: float):
+def _precision(rows: list[Row], v: Verdict) -> Verdict:
+    mine = [r.c.precision_ratio for r in rows if r.impl == v.impl and r.check == "forward" and r.c.passed]
+    v.precision_ratio = max([x for x in mine if x == x] or [0.0])
+    v.imprecise = any(r.c.imprecise for r in rows if r.impl == v.impl)
+    return v
+
+
+def verify_kernel(impl: Impl, scenarios: list, cache: dict, log, timeout: float, keep: dict | None = None):
     rows, runs, failing, passing, fault = [], {}, [], [], None
+    if keep is not None:
+        keep[(KERNELS, impl.spec)] = runs
     impl.deadline = time.monotonic() + timeout
     for s in scenarios:
         c = kernels.reference(s, cache.setdefault(KERNELS, {}))
@@ -255,13 +276,19 @@ def verify_kernel(impl: Impl, scenarios: list, cache: dict, log, timeout: float)
         impl.reset()
         return rows, _fault_verdict(KERNELS, impl, fault, failing)
     if not failing:
-        return rows, Verdict(KERNELS, impl.spec, "core", True)
+        v = _precision(rows, Verdict(KERNELS, impl.spec, "core", True))
+        if v.imprecise:
+            imprecise = [r.scenario for r in rows if r.c.imprecise]
+            d = kernels.diagnose_precision(runs, imprecise)
+            v.stage, v.matched, v.failing = d.stage, d.matched, imprecise
+            v.hint = f"passes the 1e-3 gate but is {v.precision_ratio:.0f}x less precise than transformers: {d.hint}"
+        return rows, v
     d = kernels.diagnose_kernel(runs, failing, passing, impl.core)
-    return rows, Verdict(KERNELS, impl.spec, "core", False, d.stage, d.hint, d.matched, failing)
+    return rows, _precision(rows, Verdict(KERNELS, impl.spec, "core", False, d.stage, d.hint, d.matched, failing))
 
 
 def verify(fixtures: list[Fixture], impls: list, dtypes: set, quick: bool, log=print, cache: dict | None = None,
-           timeout: float = TIMEOUT_S) -> tuple[list[Row], list[Verdict]]:  # fmt: skip
+           timeout: float = TIMEOUT_S, keep: dict | None = None) -> tuple[list[Row], list[Verdict]]:  # fmt: skip
     """impls: Impl objects (or (name, layer function) pairs for harness code, run in this process). cache:
     reference results keyed by (fixture contents, scenario), reusable across calls."""
     impls = [i if isinstance(i, Impl) else builtin(*i) for i in impls]
@@ -274,12 +301,12 @@ def verify(fixtures: list[Fixture], impls: list, dtypes: set, quick: bool, log=p
             scenarios = select(f, dtypes, quick)
             rows += reference_checks(f, scenarios, cache)
             for impl in layers:
-                r, v = verify_layer(f, impl, scenarios, cache, log, timeout)
+                r, v = verify_layer(f, impl, scenarios, cache, log, timeout, keep)
                 rows += r
                 verdicts.append(v)
     for impl in (i for i in impls if i.contract == "core"):
         scenarios = kernels.select(dtypes, quick, slow_kernel=getattr(impl, "interpreted", False))
-        r, v = verify_kernel(impl, scenarios, cache, log, timeout)
+        r, v = verify_kernel(impl, scenarios, cache, log, timeout, keep)
         rows += r
         verdicts.append(v)
     return rows, verdicts
@@ -306,11 +333,20 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="the short scenario set")
     p.add_argument("--timeout", type=float, default=TIMEOUT_S, metavar="SECONDS",
                    help=f"per implementation and fixture (default {TIMEOUT_S:g}): past it, stage timeout")
+    p.add_argument("--strict", action="store_true",
+                   help="an imprecise implementation (passes 1e-3, far less precise than transformers) fails too")
+    p.add_argument("--plot", type=Path, metavar="DIR", help="a PNG of where the error sits for every failing or "
+                   "imprecise implementation and fixture")  # fmt: skip
     p.add_argument("--json", type=Path, help="write the results as JSON")
+    p.add_argument("--doc", type=Path, help="rewrite the generated precision table of this page (docs/precision.md)")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     if a.json:
         output_path(a.json, "--json")  # found now, not after the whole run
+    if a.plot:
+        output_dir(a.plot, "--plot")
+    if a.doc:
+        output_path(a.doc, "--doc")
     unknown = [d for d in a.dtype if d not in DTYPES]
     if unknown:
         raise UserError(f"--dtype: unknown dtype '{unknown[0]}'; choose from {', '.join(DTYPES)}")
@@ -326,16 +362,25 @@ def main(argv=None) -> int:
              for contract in CONTRACTS for spec in dict.fromkeys(asked[contract] or [])]  # fmt: skip
     fixtures = resolve_fixtures(list(dict.fromkeys(a.fixture)) if a.fixture else None)
     torch.manual_seed(0)
+    runs: dict = {}
     try:
         for i in impls:
             i.prepare(a.timeout)  # the user's code imported now: a bad spec stops the run before any work
-        rows, verdicts = verify(fixtures, impls, dtypes, a.quick, timeout=a.timeout)
+        rows, verdicts = verify(fixtures, impls, dtypes, a.quick, timeout=a.timeout, keep=runs if a.plot else None)
     finally:
         for i in impls:
             i.close()
     seconds = time.perf_counter() - t0
     n_layers = sum(i.contract != "core" for i in impls)
-    report.print_report(rows, verdicts, seconds, len(fixtures) if n_layers else 0, len(impls))
+    report.print_report(rows, verdicts, seconds, len(fixtures) if n_layers else 0, len(impls), strict=a.strict)
     if a.json:
-        write_json(a.json, report.document(rows, verdicts, seconds))
-    return 0 if all(r.passed for r in rows) else 1
+        write_json(a.json, report.document(rows, verdicts, seconds, strict=a.strict))
+    if a.doc:
+        update_generated(a.doc, report.precision_markdown(rows))
+    if a.plot:
+        from harness.verify import plot
+
+        for path in plot.draw_all(a.plot, verdicts, runs, {f.name: f for f in fixtures}):
+            print(f"wrote {path}")
+    failed = any(not r.passed for r in rows) or (a.strict and any(v.imprecise for v in verdicts))
+    return 1 if failed else 0

@@ -22,6 +22,7 @@ class Scenario:
     dtype: torch.dtype = torch.float32
     quick: bool = True  # part of --quick
     probe: bool = False  # used by the diagnosis (reported, but named as a probe)
+    tags: frozenset = frozenset()  # what the diagnosis reads off it: "positions" (not 0..S-1), "large_scores"
 
 
 def hidden(f: Fixture, B: int, S: int, seed: int, scale: float = 1.0) -> torch.Tensor:
@@ -70,6 +71,16 @@ def _sparse(f, dt):
     return hidden(f, 1, S, 13).to(dt), pos, None
 
 
+def _rope_stress(f, dt):
+    """Long, unequal distances with large scores (inputs x4): where rotary tables kept in half precision show (a
+    bfloat16 cos/sin table errs in proportion to the score it rotates), beyond what float32 rounding does."""
+    S = 64
+    top = max(int(f.config.get("max_position_embeddings") or 131072), 4 * S)
+    g = torch.Generator().manual_seed(15)
+    pos = torch.sort(torch.randperm(top, generator=g)[:S]).values[None]
+    return hidden(f, 1, S, 15, 4.0).to(dt), pos, None
+
+
 def _prompt(f, dt):
     x = f.inputs["hidden_states"]
     return x.to(dt), contiguous(1, x.shape[1]), None
@@ -93,17 +104,27 @@ SCENARIOS: list[Scenario] = [
     ),
     Scenario("len_1000", "a longer non-multiple length", _simple(1000, 4), quick=False),
     Scenario("long_2048", "a long sequence (float32 accumulation over 2048 keys)", _simple(2048, 5), quick=False),
-    Scenario("left_padding", "padding mask: batch 3, left padding, a row almost all padding", _left_padding),
-    Scenario("packed", "restarting positions (packed documents)", _packed, quick=False),
-    Scenario("sparse_positions", "RoPE frequencies: unequal long distances over the whole context", _sparse),
+    Scenario("left_padding", "padding mask: batch 3, left padding, a row almost all padding", _left_padding,
+             tags=frozenset({"positions"})),
+    Scenario("packed", "restarting positions (packed documents)", _packed, quick=False, tags=frozenset({"positions"})),
+    Scenario("sparse_positions", "RoPE frequencies: unequal long distances over the whole context", _sparse,
+             tags=frozenset({"positions"})),
+    Scenario("rope_stress", "RoPE precision: long unequal distances and scores x16 (inputs x4)", _rope_stress,
+             tags=frozenset({"positions", "large_scores"})),
     Scenario("prompt", "the fixture's real prompt input", _prompt),
-    Scenario("scaled_x50", "softmax stability: inputs x50, scores in the thousands", _simple(64, 6, 50.0), quick=False),
+    Scenario("scaled_x50", "softmax stability: inputs x50, scores in the thousands", _simple(64, 6, 50.0), quick=False,
+             tags=frozenset({"large_scores"})),
     Scenario("bfloat16", "half precision (bf16): float32 softmax and accumulation", _simple(32, 7), torch.bfloat16),
     Scenario("float16", "half precision (fp16)", _simple(32, 8), torch.float16, quick=False),
-    Scenario("zero_positions", "probe: RoPE off (all positions 0)", _zero_positions, probe=True),
+    Scenario("zero_positions", "probe: RoPE off (all positions 0)", _zero_positions, probe=True,
+             tags=frozenset({"positions"})),
 ]
 
 BY_NAME = {s.name: s for s in SCENARIOS}
+
+
+def tagged(tag: str) -> set[str]:
+    return {s.name for s in SCENARIOS if tag in s.tags}
 
 
 def select(fixture: Fixture, dtypes: set[torch.dtype], quick: bool) -> list[Scenario]:
