@@ -16,17 +16,19 @@ The layer contract (every entry of IMPLEMENTATIONS):
       returns        [batch, seq, hidden_size], dtype of x: causal self-attention with RoPE, no bias, no dropout
 
 Pieces, one concept per file: rope (frequencies, tables, both pairings), gqa (repeat_kv, grouping), masks,
-projection (stage 1 and the output projection), naive, loop, tiled (FlashAttention-2 style), sdpa, decode
+projection (stage 1 and the output projection), naive, loop, tiled (FlashAttention-2 style, forward and
+backward in PyTorch), flash_triton (FlashAttention-2 forward and backward kernels in Triton), sdpa, decode
 (KV cache).
 """
 
-from impl import loop, naive, sdpa, tiled
+from impl import flash_triton, loop, naive, sdpa, tiled
 
 IMPLEMENTATIONS = {
     "naive": naive.attention,
     "loop": loop.attention,
     "tiled": tiled.attention,
     "sdpa": sdpa.attention,
+    "triton": flash_triton.attention,
 }
 
 # The core contract (every entry of CORES): the kernel between the projections and the output projection.
@@ -35,7 +37,11 @@ IMPLEMENTATIONS = {
 #     causal: bottom-right aligned (query i sees keys 0 .. Sk - Sq + i); scale None means 1/sqrt(d)
 #     attention_mask None or [B, Sk] of 1 = key, 0 = padding
 #     out [B, H, Sq, d] in q's dtype; lse [B, H, Sq] float32, natural log (-inf where a row sees no key)
-CORES = {"naive": naive.core, "loop": loop.core, "tiled": tiled.core, "sdpa": sdpa.core}
+CORES = {"naive": naive.core, "loop": loop.core, "tiled": tiled.core, "sdpa": sdpa.core, "triton": flash_triton.core}
+
+# Run in Triton's interpreter when their inputs are on a CPU (correct, but Python-speed): the harness gives them a
+# shorter scenario list there.
+INTERPRETED_ON_CPU = {"triton"}
 
 
 
@@ -44,4 +50,4 @@ def context_of(result):
     return result[0] if isinstance(result, tuple) else result
 
 
-__all__ = ["IMPLEMENTATIONS", "CORES", "context_of"]
+__all__ = ["IMPLEMENTATIONS", "CORES", "INTERPRETED_ON_CPU", "context_of"]

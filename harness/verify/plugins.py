@@ -138,6 +138,13 @@ class Builtin(Impl):
     def builtin(self) -> bool:
         return True
 
+    @property
+    def interpreted(self) -> bool:
+        """Run in Triton's interpreter here (on a CPU): slow, so it gets the shorter scenario list."""
+        from impl import INTERPRETED_ON_CPU
+
+        return self.spec in INTERPRETED_ON_CPU and not str(self.device).startswith("cuda")
+
     def layer(self, key, config, weights, x, pos, mask):
         w = {k: v.clone() for k, v in weights.items()}
         with torch.no_grad():

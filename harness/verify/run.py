@@ -298,9 +298,9 @@ def verify(fixtures: list[Fixture], impls: list, dtypes: set, quick: bool, log=p
     layers = [i for i in impls if i.contract != "core"]
     if layers:
         for f in fixtures:
-            scenarios = select(f, dtypes, quick)
-            rows += reference_checks(f, scenarios, cache)
+            rows += reference_checks(f, select(f, dtypes, quick), cache)
             for impl in layers:
+                scenarios = select(f, dtypes, quick, getattr(impl, "interpreted", False))
                 r, v = verify_layer(f, impl, scenarios, cache, log, timeout, keep)
                 rows += r
                 verdicts.append(v)

@@ -127,10 +127,16 @@ def tagged(tag: str) -> set[str]:
     return {s.name for s in SCENARIOS if tag in s.tags}
 
 
-def select(fixture: Fixture, dtypes: set[torch.dtype], quick: bool) -> list[Scenario]:
+# What a kernel run in Triton's interpreter (a CPU) gets beyond the quick set: every kind of case, nothing long.
+INTERPRETER_EXTRA = {"len_257", "packed", "scaled_x50", "float16"}
+
+
+def select(fixture: Fixture, dtypes: set[torch.dtype], quick: bool, interpreted: bool = False) -> list[Scenario]:
     out = []
     for s in SCENARIOS:
         if s.dtype not in dtypes or (quick and not s.quick):
+            continue
+        if interpreted and not (s.quick or s.name in INTERPRETER_EXTRA):
             continue
         if s.name == "prompt" and fixture.inputs is None:
             continue
