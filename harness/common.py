@@ -164,3 +164,29 @@ def compared_rows(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch
     if attention_mask is None:
         return torch.ones(x.shape[:2], dtype=torch.bool)
     return attention_mask.bool()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# devices
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(text: str | None) -> torch.device:
+    """--device: cpu, cuda or cuda:N (default: cuda when available, else cpu); one line when it cannot be had."""
+    text = text or default_device()
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {text}: not a device; give cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {text}: only cpu and cuda are supported")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {text}: this machine has no CUDA device (or torch is a CPU build); use "
+                            "--device cpu, or install a CUDA build of torch (make setup TORCH_INDEX=...)")  # fmt: skip
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
