@@ -10,7 +10,9 @@ SOURCE     ?= hf:meta-llama/Llama-3.2-1B
 LAYER      ?= 0
 PYTEST_ARGS ?=
 STAMP      := $(VENV)/.setup-done
-SYNTH      := fixtures/llama-3.2-1b-synthetic/manifest.json
+# Synthetic fixtures made on demand from a committed config: Llama-3.2-1B's, and small Llama-shaped ones with
+# linear, dynamic and yarn RoPE scaling
+SYNTH      := $(patsubst %,fixtures/%-synthetic/manifest.json,llama-3.2-1b rope-linear rope-dynamic rope-yarn)
 
 .PHONY: setup verify verify-quick e2e plot mutants bench bench-quick test test-fast extract synthetic lint clean help
 
@@ -26,9 +28,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The Llama-3.2-1B fixture with the exact config and synthetic weights (its real weights are gated).
-$(SYNTH): fixtures/llama-3.2-1b/config.json | $(STAMP)
-	$(PY) scripts/extract.py --synthetic --config fixtures/llama-3.2-1b/config.json --force
+# The Llama-3.2-1B fixture with the exact config and synthetic weights (its real weights are gated), and the rope ones.
+fixtures/%-synthetic/manifest.json: fixtures/%/config.json | $(STAMP)
+	$(PY) scripts/extract.py --synthetic --config $< --force
 
 synthetic: $(SYNTH)
 

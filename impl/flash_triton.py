@@ -248,13 +248,15 @@ def _bwd_dkdv_kernel(
     key_ok = offs_n < Sk
     kv_ok = key_ok[:, None] & d_ok[None, :]
 
-    # -- this block's K_j, V_j (BLOCK_N, D_PAD), loaded once; the keys that exist and are not padding
-    k_ptrs = K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    # -- this block's K_j^T (D_PAD, BLOCK_N) and V_j (BLOCK_N, D_PAD), loaded once; the keys that exist and are
+    # not padding. K^T, as the forward loads it: S = Q K^T is then the forward's product operand for operand, so P
+    # recomputed from lse is exactly the forward's (with scores in the thousands, S^T = K Q^T rounds otherwise)
+    kT_ptrs = K + b * stride_kb + hk * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
     v_ptrs = V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+    kT = tl.load(kT_ptrs, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
     v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
     if EMULATE_BF16:
-        k = k.to(tl.float32)
+        kT = kT.to(tl.float32)
         v = v.to(tl.float32)
     keep_n = key_ok
     if HAS_MASK:
@@ -272,28 +274,28 @@ def _bwd_dkdv_kernel(
         for start_m in range(lo, Sq, BLOCK_M):
             rows = start_m + offs_m  # (BLOCK_M,)
             row_ok = rows < Sq
-            # -- Q_i^T (D_PAD, BLOCK_M), dO_i (BLOCK_M, D_PAD), lse_i, Delta_i
-            qT_ptrs = Q + b * stride_qb + h * stride_qh + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd
+            # -- Q_i (BLOCK_M, D_PAD), dO_i (BLOCK_M, D_PAD), lse_i, Delta_i
+            q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
             do_ptrs = DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod
-            qT = tl.load(qT_ptrs, mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+            q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             if EMULATE_BF16:
-                qT = qT.to(tl.float32)
+                q = q.to(tl.float32)
                 do = do.to(tl.float32)
             lse = tl.load(Lse + (b * H + h) * Sq + rows, mask=row_ok, other=float("inf"))
             lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row that sees no key: P = exp(S - inf) = 0
             delta = tl.load(Delta + (b * H + h) * Sq + rows, mask=row_ok, other=0.0)
-            # -- P^T = exp(S^T - lse) (BLOCK_N, BLOCK_M), 0 where masked
-            sT = tl.dot(k, qT, input_precision=PRECISION) * scale
-            keep = keep_n[:, None] & row_ok[None, :]
+            # -- P = exp(S - lse) (BLOCK_M, BLOCK_N), 0 where masked, and its transpose
+            s = tl.dot(q, kT, input_precision=PRECISION) * scale
+            keep = row_ok[:, None] & keep_n[None, :]
             if CAUSAL:
-                keep = keep & (offs_n[:, None] <= offset + rows[None, :])
-            pT = tl.exp(tl.where(keep, sT, float("-inf")) - lse[None, :])
+                keep = keep & (offs_n[None, :] <= offset + rows[:, None])
+            pT = tl.trans(tl.exp(tl.where(keep, s, float("-inf")) - lse[:, None]))  # (BLOCK_N, BLOCK_M)
             # -- dV += P^T dO;  dS^T = P^T * (dP^T - Delta), dP^T = V dO^T;  dK += dS^T Q
             dv = tl.dot(_cast(pT, do.dtype, EMULATE_BF16), do, dv, input_precision=PRECISION)
             dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             dsT = pT * (dpT - delta[None, :])
-            dk = tl.dot(_cast(dsT, qT.dtype, EMULATE_BF16), tl.trans(qT), dk, input_precision=PRECISION)
+            dk = tl.dot(_cast(dsT, q.dtype, EMULATE_BF16), q, dk, input_precision=PRECISION)
 
     dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd

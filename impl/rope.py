@@ -8,6 +8,20 @@ Pairs: HF's checkpoints pair channel i with channel i + rd/2 ("half-split", `app
 pair 2i with 2i+1 ("interleaved", `apply_interleaved`). The two are the same attention once the q/k weight rows
 are permuted accordingly. With partial rotary (rotary_dim < head_dim) only the first rotary_dim channels rotate.
 
+Scaling (rope_parameters["rope_type"]), with inv_freq_i = theta^(-2i/rd) the default frequencies:
+    default  angle = position * inv_freq_i.
+    linear   inv_freq_i / factor: positions squeezed by `factor`, so a context `factor` times longer maps onto the
+             angles the model was trained on (every frequency slowed alike).
+    dynamic  NTK-aware: past max_position_embeddings the base grows to theta * (factor L / max - (factor - 1))^(rd /
+             (rd - 2)) for the longest length L seen (transformers recomputes from max(position_ids) + 1); within
+             the trained context nothing changes. High frequencies barely move, low ones slow down.
+    llama3   wavelengths 2 pi / inv_freq longer than original_max / low_freq_factor are divided by `factor`, those
+             shorter than original_max / high_freq_factor kept, a linear ramp in between: only the long-range bands
+             are stretched.
+    yarn     the same idea with a ramp over pair indices set by beta_fast / beta_slow (interpolate low frequencies,
+             extrapolate high ones), and cos/sin multiplied by an attention factor (0.1 ln(factor) + 1 by default)
+             that sharpens the softmax back to its trained temperature.
+
 Precision: angles are float32 position * float32 frequency, elementwise (never in bf16: at position 100000
 a bf16 angle is off by hundreds of radians). `dtype=torch.float64` gives reference tables.
 """

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.bugs import pipeline
+from harness.bugs import backward, pipeline
 from harness.bugs.pipeline import _rot, acc, layer, tables
 from impl import masks, rope
 from impl.decode import KVCache, step
@@ -43,6 +43,15 @@ STAGES = (
     "output_projection",
     "nonfinite",
     "unknown",
+    # the backward pass (verify --grad)
+    "grad_softmax",
+    "grad_scale",
+    "grad_mask",
+    "grad_gqa",
+    "grad_rope",
+    "grad_projection",
+    "grad_nonfinite",
+    "grad_unknown",
 )
 
 
@@ -76,6 +85,7 @@ class Bug:
     held_out: bool = False  # never used by the diagnosis
     shows: Callable[[dict], bool] = field(default=always, repr=False)  # configs on which the bug can show at all
     contract: str = "layer"  # the contract the mutation suite runs it through: "layer" or "core" (a kernel)
+    kind: str = "forward"  # "backward": the forward is right, the gradients are not (caught by verify --grad)
 
     def layer(self) -> Callable:
         """The bug as a plug-in of the layer contract."""
@@ -156,6 +166,46 @@ def tables_rounded(to: torch.dtype):
         return cos.to(to).to(dtype), sin.to(to).to(dtype)
 
     return tables_low
+
+
+def rope_type(kind: str):
+    return lambda config: config["rope_parameters"].get("rope_type") == kind
+
+
+def tables_params(change):
+    """Tables from the config's rope_parameters as `change` rewrites them (a scaling misread)."""
+
+    def t(config, position_ids, dtype):
+        rp = change(dict(config["rope_parameters"]))
+        return tables({**config, "rope_parameters": rp}, position_ids, dtype)
+
+    return t
+
+
+def tables_unscaled_cos_sin(config, position_ids, dtype):
+    inv, _ = rope.inv_freq(config, seq_len=int(position_ids.max()) + 1, dtype=dtype)
+    return rope.cos_sin(inv.to(position_ids.device), position_ids, 1.0, dtype=dtype)  # yarn's mscale dropped
+
+
+def tables_static_ntk(config, position_ids, dtype):
+    """Dynamic NTK applied always, at its full factor ("static NTK"): base * factor^(d / (d - 2)) for every length."""
+    rp = config["rope_parameters"]
+    d = rope.dims(config)[1]
+    plain = {"rope_type": "default", "rope_theta": rp["rope_theta"] * rp["factor"] ** (d / (d - 2))}
+    return tables({**config, "rope_parameters": plain}, position_ids, dtype)
+
+
+def _default_rope(rp):
+    return {"rope_type": "default", "rope_theta": rp["rope_theta"]}
+
+
+def _square_factor(rp):
+    return {**rp, "factor": rp["factor"] ** 2}
+
+
+def _swap_betas(rp):
+    fast, slow = rp.get("beta_fast") or 32, rp.get("beta_slow") or 1
+    return {**rp, "beta_fast": slow, "beta_slow": fast}
 
 
 def tables_bf16_angles(config, position_ids, dtype):
@@ -340,6 +390,25 @@ def _tiled(bug):
     return lambda q, k, v, m, causal, scale: flash(q, k, v, m, causal, scale, bug=bug)
 
 
+def rotate_backward_forward(q, k, v, cos, sin):
+    def rot(x):
+        return backward.Rotate.apply(x.to(cos.dtype), cos, sin, "forward_rotation").to(x.dtype)
+
+    return rot(q), rot(k), v
+
+
+def output_backward_transposed(ctx, w):
+    return backward.Linear.apply(merge_heads(ctx), w["o_proj"], "input_transposed")
+
+
+def project_backward_unsummed(x, w, name, n, d, split):
+    return split(backward.Linear.apply(x, w[name], "weight_unsummed" if name == "q_proj" else None), n, d)
+
+
+def _grad(bug: str, stage: str, what: str, hint: str, **kw) -> Bug:
+    return Bug(f"grad_{bug}", stage, what, hint, fn=backward.kernel(bug), contract="core", kind="backward", **kw)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the catalog
 
@@ -420,6 +489,24 @@ CATALOG: list[Bug] = [
     Bug("rope_theta_10000", "rope_frequencies", "rope_theta hard-coded to 10000 (Llama 2's)",
         "take rope_theta from the config", {"tables": tables_theta_10000},
         shows=lambda c: c["rope_parameters"]["rope_theta"] != 10000.0, **HELD),
+    # RoPE scaling (the synthetic rope-linear, rope-dynamic and rope-yarn fixtures; llama3 above)
+    Bug("linear_scaling_missing", "rope_frequencies", "linear scaling skipped: positions not divided by the factor",
+        "frequencies look unscaled: the linear RoPE scaling (positions / factor {factor:g}) is missing",
+        {"tables": tables_params(_default_rope)}, shows=rope_type("linear")),
+    Bug("linear_factor_squared", "rope_frequencies", "linear scaling applied twice (factor squared)",
+        "divide the positions by the factor once", {"tables": tables_params(_square_factor)},
+        shows=rope_type("linear"), **HELD),
+    Bug("dynamic_always", "rope_frequencies", "dynamic NTK scaling applied at every length (static NTK)",
+        "the rotary base looks scaled at every length: dynamic scaling changes it only past max_position_embeddings, "
+        "from the longest position seen", {"tables": tables_static_ntk}, shows=rope_type("dynamic")),
+    Bug("dynamic_never", "rope_frequencies", "dynamic scaling never applied", "rescale past the trained context",
+        {"tables": tables_params(_default_rope)}, shows=rope_type("dynamic"), **HELD),
+    Bug("yarn_attention_factor_missing", "rope_frequencies", "yarn's attention factor (mscale on cos/sin) left out",
+        "cos/sin look unscaled: yarn multiplies them by its attention factor (0.1 ln(factor) + 1 by default)",
+        {"tables": tables_unscaled_cos_sin}, shows=rope_type("yarn")),
+    Bug("yarn_betas_swapped", "rope_frequencies", "yarn's beta_fast and beta_slow swapped",
+        "beta_fast bounds the high-frequency band", {"tables": tables_params(_swap_betas)}, shows=rope_type("yarn"),
+        **HELD),
     Bug("angles_bf16", "rope_precision", "position * inv_freq computed in bfloat16",
         "RoPE angles look computed in bfloat16: compute position * inv_freq in float32",
         {"tables": tables_bf16_angles}),
@@ -452,6 +539,29 @@ CATALOG: list[Bug] = [
         contract="core"),
     Bug("lse_unscaled", "lse", "lse of the unscaled scores", "compute lse from the scaled scores",
         fn=_lse_wrong("unscaled"), contract="core", **HELD),
+    # the backward pass: a right forward, one mistake in the gradients (verify --grad)
+    _grad("no_D", "grad_softmax", "dS = P * dP: the D = rowsum(dO * O) term missing",
+          "the softmax backward looks like dS = P * dP: subtract D = rowsum(dO * O), dS = P * (dP - D)"),
+    _grad("scale_missing", "grad_scale", "dQ and dK without the 1/sqrt(d) scale",
+          "dQ and dK look missing the softmax scale: dQ = scale dS K, dK = scale dS^T Q"),
+    _grad("scale_twice", "grad_scale", "dQ and dK scaled twice", "scale dQ and dK once", **HELD),
+    _grad("causal_dropped", "grad_mask", "P recomputed in the backward without the causal mask",
+          "the backward looks unmasked: recompute P with the forward's causal mask (future keys get 0)"),
+    _grad("padding_dropped", "grad_mask", "P recomputed in the backward without the padding mask",
+          "mask padded keys in the backward too", **HELD),
+    _grad("gqa_first", "grad_gqa", "dK/dV of a KV head taken from the first query head of its group only",
+          "a KV head's dK and dV look taken from one of its query heads: sum over all g of them"),
+    _grad("gqa_mean", "grad_gqa", "dK/dV of a KV head averaged over its query heads", "sum, not average", **HELD),
+    _grad("nan_rows", "grad_nonfinite", "rows with no key give exp(-inf - -inf) = NaN in the backward",
+          "rows that see no key (lse = -inf) must give P = 0 in the backward, not NaN"),
+    Bug("grad_rope_forward_rotation", "grad_rope", "RoPE's backward rotates by +angle (the forward rotation)",
+        "RoPE's backward looks like the forward rotation: the gradient goes back through the inverse (sin negated)",
+        {"rotate": rotate_backward_forward}, kind="backward"),
+    Bug("grad_o_proj_input_transposed", "grad_projection", "o_proj's backward: grad_input = grad_out @ W.T",
+        "the output projection's input gradient looks transposed: grad_ctx = grad_out @ o_proj (not .T)",
+        {"output": output_backward_transposed}, kind="backward", shows=square_o),
+    Bug("grad_q_proj_first_sequence", "grad_projection", "q_proj's weight gradient from the first sequence only",
+        "sum the weight gradient over the batch", {"project": project_backward_unsummed}, kind="backward", **HELD),
 ]  # fmt: skip
 
 BY_NAME = {b.name: b for b in CATALOG}
@@ -459,12 +569,19 @@ BY_NAME = {b.name: b for b in CATALOG}
 
 def suspects(config: dict) -> list[Bug]:
     """The entries the diagnosis may match on a layer: not held out, pipeline steps, able to show here."""
-    return [b for b in CATALOG if not b.held_out and b.contract == "layer" and b.steps and b.shows(config)]
+    return [b for b in CATALOG if not b.held_out and b.kind == "forward" and b.contract == "layer" and b.steps
+            and b.shows(config)]  # fmt: skip
 
 
 def kernel_suspects() -> list[Bug]:
     """The entries the diagnosis may match on a kernel: not held out, expressible as a kernel."""
-    return [b for b in CATALOG if not b.held_out and b.kernel() is not None]
+    return [b for b in CATALOG if not b.held_out and b.kind == "forward" and b.kernel() is not None]
+
+
+def grad_suspects(contract: str, config: dict | None = None) -> list[Bug]:
+    """The backward entries the gradient diagnosis may match: not held out, for this contract."""
+    return [b for b in CATALOG if not b.held_out and b.kind == "backward" and b.contract == contract
+            and (config is None or b.shows(config))]  # fmt: skip
 
 
 def pick(name: str) -> Bug:

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 from harness.bugs.catalog import BY_NAME, CATALOG, Bug
 
-# Real weights first (fast, GQA 9/3), then Llama-3.2-1B's exact config (llama3 RoPE scaling, 32/8 heads).
-DEFAULT_FIXTURES = ["smollm2-135m", "llama-3.2-1b-synthetic"]
+# Real weights first (fast, GQA 9/3), then Llama-3.2-1B's exact config (llama3 RoPE scaling, 32/8 heads), then the
+# small Llama-shaped configs with linear, dynamic and yarn scaling (what only a scaled rope type can show).
+DEFAULT_FIXTURES = ["smollm2-135m", "llama-3.2-1b-synthetic", "rope-linear-synthetic", "rope-dynamic-synthetic",
+                    "rope-yarn-synthetic"]  # fmt: skip
 
 
 @dataclass
@@ -42,24 +44,27 @@ def run_mutants(fixtures, bugs: list[Bug] = CATALOG, log=print, cache=None) -> l
 
     found: dict[str, Result] = {}
     cache = {} if cache is None else cache
-    cores = [b for b in bugs if b.contract == "core"]
-    if cores:
-        t0 = time.perf_counter()
-        rows, verdicts = verify([], [builtin(b.name, b.kernel(), "core") for b in cores], set(DTYPES.values()),
-                                quick=False, log=lambda *_: None, cache=cache)  # fmt: skip
-        _record(found, cores, rows, verdicts)
-        log(f"  kernels: {len(cores)} mutants verified, {sum(b.name in found for b in cores)} caught, "
-            f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
-    for f in fixtures:
-        todo = [b for b in bugs if b.name not in found and b.contract == "layer"]
-        if not todo:
-            break
-        t0 = time.perf_counter()
-        rows, verdicts = verify([f], [(b.name, b.layer()) for b in todo], set(DTYPES.values()), quick=False,
-                                log=lambda *_: None, cache=cache)  # fmt: skip
-        _record(found, todo, rows, verdicts)
-        log(f"  {f.name}: {len(todo)} mutants verified, {sum(b.name in found for b in todo)} caught, "
-            f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
+    for kind in ("forward", "backward"):  # backward bugs are verified with their gradients (verify --grad)
+        grad = kind == "backward"
+        cores = [b for b in bugs if b.contract == "core" and b.kind == kind]
+        if cores:
+            t0 = time.perf_counter()
+            rows, verdicts = verify([], [builtin(b.name, b.kernel(), "core") for b in cores], set(DTYPES.values()),
+                                    quick=False, log=lambda *_: None, cache=cache, grad=grad)  # fmt: skip
+            _record(found, cores, rows, verdicts)
+            log(f"  kernels{' (gradients)' * grad}: {len(cores)} mutants verified, "
+                f"{sum(b.name in found for b in cores)} caught, {time.perf_counter() - t0:.0f} s")  # fmt: skip
+        for f in fixtures:
+            todo = [b for b in bugs if b.name not in found and b.contract == "layer" and b.kind == kind
+                    and b.shows(f.config)]  # a bug that cannot show on this fixture waits for one where it can
+            if not todo:
+                break
+            t0 = time.perf_counter()
+            rows, verdicts = verify([f], [(b.name, b.layer()) for b in todo], set(DTYPES.values()), quick=False,
+                                    log=lambda *_: None, cache=cache, grad=grad)  # fmt: skip
+            _record(found, todo, rows, verdicts)
+            log(f"  {f.name}{' (gradients)' * grad}: {len(todo)} mutants verified, "
+                f"{sum(b.name in found for b in todo)} caught, {time.perf_counter() - t0:.0f} s")  # fmt: skip
     return [found.get(b.name) or Result(b.name, False, None, b.stage, b.held_out, []) for b in bugs]
 
 

@@ -331,12 +331,17 @@ def main(argv=None) -> int:
     p.add_argument("--weights-layout", choices=LAYOUTS, default="hf", help="q/k row order: hf (default) or meta")
     p.add_argument("--prompts", help="a text file with one prompt per line, or a JSON list of strings")
     p.add_argument("--tokens", type=int, default=32, help="greedy tokens to generate per prompt (default 32)")
+    p.add_argument("--train", action="store_true", help="training instead: one forward and backward (loss and every "
+                   "parameter's gradient), then optimizer steps, against transformers")  # fmt: skip
+    p.add_argument("--steps", type=int, default=10, help="AdamW steps with --train (default 10)")
     p.add_argument("--timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="for the whole model run (default 1800): past it, stage timeout")
     p.add_argument("--json", type=Path, help="write the result as JSON to this path")
     a = p.parse_args(argv)
     if a.tokens < 1:
         raise UserError(f"--tokens {a.tokens}: must be at least 1")
+    if a.steps < 0:
+        raise UserError(f"--steps {a.steps}: must be 0 or more")
     if not a.timeout > 0:
         raise UserError(f"--timeout {a.timeout:g}: give a positive number of seconds")
     if a.json:
@@ -353,6 +358,8 @@ def main(argv=None) -> int:
     print(f"loaded {model.name} ({model.source}) in {model.seconds:.1f} s")
     core = CORES.get(spec) if impl.builtin else None  # built-ins also decode with impl.decode's KV cache
     impl.deadline = time.monotonic() + a.timeout
+    if a.train:
+        return train_main(a, model, impl, spec, contract, prompts, t0)
     fault, results = None, []
     try:
         results = run_e2e(model, impl, core, prompts, a.tokens)
@@ -375,4 +382,43 @@ def main(argv=None) -> int:
             "tokens": a.tokens, "logit_rtol": LOGIT_RTOL, "prompts": [asdict(r) for r in results],
             "seconds": round(seconds, 2),
         })  # fmt: skip
+    return 0 if passed else 1
+
+
+def train_main(a, model, impl, spec: str, contract: str, prompts: list[str], t0: float) -> int:
+    """--train: the training check, its report and exit code."""
+    from harness.e2e.train import run_train
+    from harness.verify.worker import Fault
+
+    print(f"training {model.name} with {spec} in every layer: {len(prompts)} prompts, {a.steps} AdamW steps")
+    fault = result = None
+    try:
+        result = run_train(model, impl, prompts, steps=a.steps)
+    except Fault as e:
+        fault = e
+    finally:
+        impl.close()
+    seconds = time.perf_counter() - t0
+    if fault is not None:
+        print(f"FAIL: stage {fault.stage}: {spec} {fault.message}")
+        passed = False
+    else:
+        name, worst = result.worst_grad
+        steps = [abs(x - y) for x, y in zip(result.loss_ref, result.loss_impl, strict=True)]
+        print(f"  loss at step 0: {result.loss_ref[0]:.6f} vs {result.loss_impl[0]:.6f} (|diff| {steps[0]:.2e}); "
+              f"largest |loss diff| over {len(steps)} steps {max(steps):.2e}, tolerance {result.loss_tol:.1e} "
+              f"{'OK' if max(steps) <= result.loss_tol else 'NOT OK'}")
+        print(f"  gradients at step 0: worst parameter {name}, max |diff| = {worst:.2e} of its scale, tolerance "
+              f"{result.grad_tol:g} {'OK' if worst <= result.grad_tol else 'NOT OK'}")
+        passed = result.passed
+    print(f"\n{'PASS' if passed else 'FAIL'}: training {spec} on {model.name}, {seconds:.1f} s")
+    if a.json:
+        doc = {"model": a.model, "impl": spec, "contract": contract, "train": True, "passed": passed,
+               "stage": fault.stage if fault else None, "error": (fault.traceback or fault.message) if fault else None,
+               "seconds": round(seconds, 2)}  # fmt: skip
+        if result is not None:
+            doc |= {"loss_ref": result.loss_ref, "loss_impl": result.loss_impl, "loss_tol": result.loss_tol,
+                    "worst_grad": {"parameter": result.worst_grad[0], "rel_err": result.worst_grad[1]},
+                    "grad_rtol": result.grad_tol}  # fmt: skip
+        write_json(a.json, doc)
     return 0 if passed else 1

@@ -288,6 +288,32 @@ def rope_suspects(config: dict) -> list[Suspect]:
     if kind != "default":
         with_params({"rope_type": "default", "rope_theta": rp["rope_theta"]}, f"rope:{kind}_missing",
                     f"frequencies look unscaled: the {kind} RoPE scaling of rope_parameters is missing")  # fmt: skip
+    if kind == "dynamic":  # applied at every length, at its full factor (static NTK), instead of past the context
+        from impl.rope import dims
+
+        rd = dims(config)[1]
+        with_params({"rope_type": "default", "rope_theta": rp["rope_theta"] * rp["factor"] ** (rd / (rd - 2))},
+                    "rope:dynamic_always", "the rotary base looks scaled at every length (static NTK): dynamic "
+                    "scaling changes it only past max_position_embeddings, from the longest position seen")  # fmt: skip
+    if kind == "yarn":  # the attention factor yarn puts on cos/sin, dropped
+        def unscaled(c, p, dt):
+            cos, sin = pipeline.tables(c, p, dt)
+            from impl.rope import inv_freq
+
+            _, scaling = inv_freq(c, seq_len=int(p.max()) + 1, dtype=dt)
+            return cos / scaling, sin / scaling
+
+        out.append(Suspect("rope:yarn_attention_factor_missing", "rope_frequencies", "cos/sin look unscaled: yarn "
+                           "multiplies them by its attention factor (from factor, mscale, mscale_all_dim)",
+                           pipeline.layer(tables=unscaled)))  # fmt: skip
+    # the frequency bands: the two bounds of llama3's and yarn's ramp swapped (read with transformers' defaults)
+    bands = {"llama3": ("low_freq_factor", "high_freq_factor", None, None), "yarn": ("beta_fast", "beta_slow", 32, 1)}
+    if kind in bands:
+        a, b, da, db = bands[kind]
+        va, vb = rp.get(a) or da, rp.get(b) or db
+        with_params({**rp, a: vb, b: va}, f"rope:{a}<->{b}", f"the frequency band looks bounded the other way round "
+                    f"({a}={vb:g}, {b}={va:g}, the config's swapped): take both from rope_parameters")  # fmt: skip
+        rp = {**rp, a: va, b: vb}  # and each bound varied below, from its value or transformers' default
     for key, val in rp.items():
         if key == "rope_type" or isinstance(val, bool) or not isinstance(val, (int, float)):
             continue

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from harness.common import UserError, one_line
-from harness.verify.worker import Fault, Worker, describe, results
+from harness.verify.worker import Fault, Worker, core_grads, describe, layer_grads, results
 
 
 def import_spec(spec: str, builtins: dict | None = None, what: str = "implementation"):
@@ -110,6 +110,18 @@ class Impl:
     def prepare(self, timeout: float) -> None:
         """Import the code now, so a spec that names nothing importable is bad input before any work is done."""
 
+    def forget(self, key: str) -> None:
+        """The weights under this key changed (a training step): send them again on the next call."""
+
+    def layer_grad(self, key: str, config: dict, weights: dict, x, pos, mask, g) -> dict:
+        """Gradients of sum(out * g): {"x": ..., "q_proj": ..., ...} (a weight whose gradient does not flow back
+        to the given tensor is absent: a module that copies its weights)."""
+        raise NotImplementedError
+
+    def core_grad(self, q, k, v, *, causal: bool = True, scale: float | None = None, mask=None, g) -> dict:
+        """Gradients of sum(out * g): {"q": ..., "k": ..., "v": ...}."""
+        raise NotImplementedError
+
     def reset(self) -> None:
         """Forget state after a fault (a worker is killed; the next call starts a fresh one)."""
 
@@ -161,6 +173,33 @@ class Builtin(Impl):
         items = list(value) if isinstance(value, tuple) else [value]
         return check_core(descs, items, q)
 
+    def layer_grad(self, key, config, weights, x, pos, mask, g):
+        grads = layer_grads(self.fn, "layer", config, weights, x, pos, None if mask is None else mask.clone(), g)
+        wrt = {"x": x, **{n: weights[n] for n in GRAD_OF[1:]}}
+        return check_grads([describe(t) for t in grads], grads, wrt, "layer")
+
+    def core_grad(self, q, k, v, *, causal=True, scale=None, mask=None, g):
+        grads = core_grads(self.fn, q, k, v, causal, scale, None if mask is None else mask.clone(), g)
+        return check_grads([describe(t) for t in grads], grads, {"q": q, "k": k, "v": v}, "core")
+
+
+GRAD_OF = ("x", "q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def check_grads(descs: list[dict], items: list, wrt: dict, contract: str) -> dict:
+    """Gradients as they came back -> {name: tensor}, each of its input's shape, dtype and device."""
+    if len(descs) == 1 and len(wrt) > 1:  # the forward output itself, refused
+        raise Fault("contract", f"computing gradients: {_contract_error('the output', descs[0], 'a tensor').message}")
+    out = {}
+    for (name, like), d, t in zip(wrt.items(), descs, items, strict=True):
+        if d.get("type") == "builtins.NoneType":
+            if contract == "module" and name != "x":
+                continue  # the module keeps its own copy of this weight: nothing to compare
+            raise Fault("contract", f"no gradient reaches {name}: the computation is not differentiable w.r.t. it")
+        _check_tensor(f"the gradient of {name}", d, t, like.shape, like.dtype, like.device)
+        out[name] = t.to(like.device)
+    return out
+
 
 class Isolated(Impl):
     """User code, run in its worker process; nothing it does reaches this process."""
@@ -175,6 +214,9 @@ class Isolated(Impl):
             self.worker.start(time.monotonic() + timeout)
         except Fault as e:
             self.early = e
+
+    def forget(self, key: str) -> None:
+        self.worker.sent.discard(key)
 
     def _raise_early(self) -> None:
         if self.early is not None:
@@ -202,6 +244,31 @@ class Isolated(Impl):
     @property
     def alive(self) -> bool:
         return self.worker.proc is not None
+
+    def layer_grad(self, key, config, weights, x, pos, mask, g):
+        self._raise_early()
+        self._config = config
+        self.worker.weights(key, config, self._weights(weights), self.deadline)
+        t = {"x": x, "position_ids": pos, "g": g} | ({} if mask is None else {"attention_mask": mask})
+        reply, out = self.worker.call({"op": "layer_grad", "key": key}, t, self.deadline, "computing gradients")
+        items = [out.get(f"r{i}") for i in range(len(reply["results"]))]
+        wrt = {"x": x, **{n: weights[n] for n in GRAD_OF[1:]}}
+        grads = check_grads(reply["results"], items, wrt, self.contract)
+        if self.layout == "meta":  # its q/k rows were in Meta's order: their gradients come back in it
+            from harness.fixtures.sources.base import interleaved_to_half_split
+
+            for name, n in (("q_proj", config["num_attention_heads"]), ("k_proj", config["num_key_value_heads"])):
+                if name in grads:
+                    grads[name] = interleaved_to_half_split(grads[name], n)
+        return grads
+
+    def core_grad(self, q, k, v, *, causal=True, scale=None, mask=None, g):
+        self._raise_early()
+        t = {"q": q, "k": k, "v": v, "g": g} | ({} if mask is None else {"attention_mask": mask})
+        reply, out = self.worker.call({"op": "core_grad", "causal": causal, "scale": scale}, t, self.deadline,
+                                      "computing gradients")  # fmt: skip
+        items = [out.get(f"r{i}") for i in range(len(reply["results"]))]
+        return check_grads(reply["results"], items, {"q": q, "k": k, "v": v}, "core")
 
     def reset(self) -> None:
         self.worker.stop()

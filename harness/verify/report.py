@@ -82,6 +82,27 @@ def precision_markdown(rows) -> str:
     return "\n".join(lines)
 
 
+def grad_markdown(rows) -> str:
+    """Per implementation and gradient, over every scenario: the largest |impl - HF| as a fraction of the tolerance it
+    was held to, and where (docs/grad.md)."""
+    grads = [r for r in rows if r.check.startswith("grad_") and r.impl not in REFERENCE_CHECKS]
+    checks = list(dict.fromkeys(r.check for r in grads))
+    impls = list(dict.fromkeys((r.fixture, r.impl) for r in grads))
+    lines = ["| fixture | implementation | " + " | ".join(f"`{c}`" for c in checks) + " |",
+             "|---|---|" + "---|" * len(checks)]  # fmt: skip
+    for fx, impl in impls:
+        cells = []
+        for c in checks:
+            mine = [r for r in grads if (r.fixture, r.impl, r.check) == (fx, impl, c)]
+            if not mine:
+                cells.append("")
+                continue
+            w = max(mine, key=lambda r: r.c.max_abs_err / r.c.tolerance if r.c.tolerance else float("inf"))
+            cells.append(f"{w.c.max_abs_err:.1e} ({w.c.max_abs_err / w.c.tolerance:.1%} of tol., {w.scenario})")
+        lines.append(f"| {fx} | `{impl}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def document(rows, verdicts, seconds: float, strict: bool = False) -> dict:
     n_pass = sum(r.passed for r in rows)
     return {

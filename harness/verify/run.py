@@ -24,13 +24,15 @@ import torch
 from harness.common import Parser, UserError, compared_rows, update_generated, write_json
 from harness.fixtures.format import Fixture, list_fixtures, load_fixture
 from harness.fixtures.validate import output_dir, output_path
-from harness.verify import kernels, report
+from harness.verify import grads, kernels, report
 from harness.verify.compare import Comparison, compare, not_run, within
 from harness.verify.diagnose import Run, diagnose, diagnose_precision
 from harness.verify.plugins import CONTRACTS, LAYOUTS, Builtin, Impl, resolve
 from harness.verify.reference import Reference, Reference64
 from harness.verify.scenarios import BY_NAME, Scenario, select
 from harness.verify.worker import Fault
+from harness.verify.worker import core_grads as worker_core_grads
+from harness.verify.worker import layer_grads as worker_layer_grads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TIMEOUT_S = 900.0  # per implementation and fixture (the kernel matrix counts as one fixture)
@@ -174,7 +176,7 @@ def _fault_verdict(fixture: str, impl: Impl, fault: Fault, failing: list[str]) -
 
 
 def verify_layer(f: Fixture, impl: Impl, scenarios: list[Scenario], cache: dict, log, timeout: float,
-                 keep: dict | None = None):  # fmt: skip
+                 keep: dict | None = None, grad: bool = False, quick: bool = True):  # fmt: skip
     rows, runs, failing, passing, fault = [], {}, [], [], None
     if keep is not None:
         keep[(f.name, impl.spec)] = runs  # the evidence, for the pictures
@@ -219,6 +221,11 @@ def verify_layer(f: Fixture, impl: Impl, scenarios: list[Scenario], cache: dict,
         d = diagnose(f, runs, failing, passing, call=probe, fn=getattr(impl, "fn", None))
         return rows, _precision(rows, Verdict(f.name, impl.spec, impl.contract, False, d.stage, d.hint, d.matched,
                                               failing))  # fmt: skip
+    if grad:
+        names = [s.name for s in scenarios if s.name in (grads.LAYER_QUICK if quick else grads.LAYER_FULL)]
+        v = layer_grads(f, impl, names, cache, rows, log)
+        if v is not None:
+            return rows, v
     v = _precision(rows, Verdict(f.name, impl.spec, impl.contract, True))
     if v.imprecise:
         imprecise = [r.scenario for r in rows if r.c.imprecise]
@@ -228,6 +235,105 @@ def verify_layer(f: Fixture, impl: Impl, scenarios: list[Scenario], cache: dict,
     return rows, v
 
 
+def layer_grads(f: Fixture, impl: Impl, names: list[str], cache: dict, rows: list[Row], log) -> Verdict | None:
+    """The backward pass on these scenarios: gradient rows appended; a failing verdict, or None when all pass."""
+    runs, failing, fault = {}, {}, None
+    for name in names:
+        s = BY_NAME[name]
+        r = reference(f, s, cache)
+        dt = _dtype(s.dtype)
+        g = grads.seeded_g(r.ref.shape, r.keep, s.dtype)
+        key = (f.key, s.name, "grad")
+        if key not in cache:  # transformers through autograd, once per fixture contents and scenario
+            w = weights_in(f, s.dtype)
+            cache[key] = (grads.hf_layer_grads(f.config, w, r.x, r.pos, r.mask, g, s.dtype),
+                          grads.hf_layer_grads(f.config, f.weights, r.x, r.pos, r.mask, g, s.dtype, float64=True),
+                          grads.hf_layer_grads(f.config, w, r.x, r.pos, r.mask, g, s.dtype, path="sdpa"))
+        ref, ref64, ref_sdpa = cache[key]
+        t0 = time.perf_counter()
+        try:
+            got = impl.layer_grad(f"{f.key}:{dt}", f.config, weights_in(f, s.dtype), r.x, r.pos, r.mask, g)
+        except Exception as e:  # noqa: BLE001 - a fault, or a built-in that raises: a verdict either way
+            fault = e if isinstance(e, Fault) else Fault("crash", f"computing gradients raised {type(e).__name__}: {e}")
+            log(f"  {f.name} {impl.spec} {s.name} (gradients): {fault.message}")
+            rows.append(Row(f.name, impl.spec, s.name, dt, time.perf_counter() - t0, not_run(r.ref, s.dtype),
+                            check="grad", error=fault.message))  # fmt: skip
+            failing[s.name] = ["grad"]
+            break
+        gr = grads.GradRun(got, ref, ref64, s.dtype, ref_sdpa, r.keep, (r.x, r.pos, r.mask, g))
+        runs[s.name] = gr
+        for n in got:
+            c = grads.compare_grad(n, gr)
+            rows.append(Row(f.name, impl.spec, s.name, dt, time.perf_counter() - t0, c, check=f"grad_{n}"))
+            if not c.passed:
+                failing.setdefault(s.name, []).append(n)
+    if fault is not None:
+        impl.reset()
+        return _fault_verdict(f.name, impl, fault, list(failing))
+    if not failing:
+        return None
+
+    def suspect(bug, run: grads.GradRun):
+        x, pos, mask, g = run.inputs
+        w = {k: v.double() for k, v in f.weights.items()}
+        out = worker_layer_grads(bug.layer(), "layer", f.config, w, x.double(), pos, mask, g.double())
+        return dict(zip(("x", "q_proj", "k_proj", "v_proj", "o_proj"), out, strict=True))
+
+    d = grads.diagnose_grads(runs, failing, "layer", f.config, suspect)
+    return _precision(rows, Verdict(f.name, impl.spec, impl.contract, False, d.stage, d.hint, d.matched,
+                                    [f"{n}:grad" for n in failing]))  # fmt: skip
+
+
+def kernel_grads(impl: Impl, names: list[str], cache: dict, rows: list[Row], log) -> Verdict | None:
+    runs, failing, fault = {}, {}, None
+    for name in names:
+        s = kernels.BY_NAME[name]
+        c = kernels.reference(s, cache.setdefault(KERNELS, {}))
+        dt = _dtype(s.dtype)
+        g = grads.seeded_g(c.ref.shape, c.keep[:, None, :], s.dtype)
+        mask4 = kernels.allowed(s, c.mask).expand(c.q.shape[0], 1, s.Sq, s.Sk)
+        scale = s.d**-0.5 if s.scale is None else s.scale
+        key = (s.name, "grad")
+        kc = cache[KERNELS]
+        if key not in kc:
+            kc[key] = (grads.hf_kernel_grads(c.q, c.k, c.v, mask4, g, scale, s.dtype),
+                       grads.hf_kernel_grads(c.q, c.k, c.v, mask4, g, scale, s.dtype, float64=True),
+                       grads.hf_kernel_grads(c.q, c.k, c.v, mask4, g, scale, s.dtype, path="sdpa"))
+        ref, ref64, ref_sdpa = kc[key]
+        t0 = time.perf_counter()
+        try:
+            got = impl.core_grad(c.q, c.k, c.v, causal=s.causal, scale=s.scale, mask=c.mask, g=g)
+        except Exception as e:  # noqa: BLE001 - a fault, or a built-in that raises: a verdict either way
+            fault = e if isinstance(e, Fault) else Fault("crash", f"computing gradients raised {type(e).__name__}: {e}")
+            log(f"  {KERNELS} {impl.spec} {s.name} (gradients): {fault.message}")
+            rows.append(Row(KERNELS, impl.spec, s.name, dt, time.perf_counter() - t0, not_run(c.ref, s.dtype),
+                            check="grad", error=fault.message))  # fmt: skip
+            failing[s.name] = ["grad"]
+            break
+        gr = grads.GradRun(got, ref, ref64, s.dtype, ref_sdpa, None, (c.q, c.k, c.v, s, c.mask, g))
+        runs[s.name] = gr
+        for n in got:
+            cmp = grads.compare_grad(n, gr)
+            rows.append(Row(KERNELS, impl.spec, s.name, dt, time.perf_counter() - t0, cmp, check=f"grad_{n}"))
+            if not cmp.passed:
+                failing.setdefault(s.name, []).append(n)
+    if fault is not None:
+        impl.reset()
+        return _fault_verdict(KERNELS, impl, fault, list(failing))
+    if not failing:
+        return None
+
+    def suspect(bug, run: grads.GradRun):
+        q, k, v, s, mask, g = run.inputs
+        out = worker_core_grads(bug.kernel(), q.double(), k.double(), v.double(), s.causal, s.scale, mask,
+                                g.double())  # fmt: skip
+        return dict(zip(("q", "k", "v"), out, strict=True))
+
+    d = grads.diagnose_grads(runs, failing, "core", None, suspect)
+    return _precision(rows, Verdict(KERNELS, impl.spec, "core", False, d.stage, d.hint, d.matched,
+                                    [f"{n}:grad" for n in failing]))  # fmt: skip
+
+
 def _precision(rows: list[Row], v: Verdict) -> Verdict:
     mine = [r.c.precision_ratio for r in rows if r.impl == v.impl and r.check == "forward" and r.c.passed]
     v.precision_ratio = max([x for x in mine if x == x] or [0.0])
@@ -235,7 +341,8 @@ def _precision(rows: list[Row], v: Verdict) -> Verdict:
     return v
 
 
-def verify_kernel(impl: Impl, scenarios: list, cache: dict, log, timeout: float, keep: dict | None = None):
+def verify_kernel(impl: Impl, scenarios: list, cache: dict, log, timeout: float, keep: dict | None = None,
+                  grad: bool = False, quick: bool = True):  # fmt: skip
     rows, runs, failing, passing, fault = [], {}, [], [], None
     if keep is not None:
         keep[(KERNELS, impl.spec)] = runs
@@ -275,6 +382,11 @@ def verify_kernel(impl: Impl, scenarios: list, cache: dict, log, timeout: float,
     if fault is not None:
         impl.reset()
         return rows, _fault_verdict(KERNELS, impl, fault, failing)
+    if not failing and grad:
+        names = [s.name for s in scenarios if s.name in (grads.KERNEL_QUICK if quick else grads.KERNEL_FULL)]
+        gv = kernel_grads(impl, names, cache, rows, log)
+        if gv is not None:
+            return rows, gv
     if not failing:
         v = _precision(rows, Verdict(KERNELS, impl.spec, "core", True))
         if v.imprecise:
@@ -288,7 +400,8 @@ def verify_kernel(impl: Impl, scenarios: list, cache: dict, log, timeout: float,
 
 
 def verify(fixtures: list[Fixture], impls: list, dtypes: set, quick: bool, log=print, cache: dict | None = None,
-           timeout: float = TIMEOUT_S, keep: dict | None = None) -> tuple[list[Row], list[Verdict]]:  # fmt: skip
+           timeout: float = TIMEOUT_S, keep: dict | None = None, grad: bool = False,
+           ) -> tuple[list[Row], list[Verdict]]:  # fmt: skip
     """impls: Impl objects (or (name, layer function) pairs for harness code, run in this process). cache:
     reference results keyed by (fixture contents, scenario), reusable across calls."""
     impls = [i if isinstance(i, Impl) else builtin(*i) for i in impls]
@@ -301,12 +414,12 @@ def verify(fixtures: list[Fixture], impls: list, dtypes: set, quick: bool, log=p
             rows += reference_checks(f, select(f, dtypes, quick), cache)
             for impl in layers:
                 scenarios = select(f, dtypes, quick, getattr(impl, "interpreted", False))
-                r, v = verify_layer(f, impl, scenarios, cache, log, timeout, keep)
+                r, v = verify_layer(f, impl, scenarios, cache, log, timeout, keep, grad, quick)
                 rows += r
                 verdicts.append(v)
     for impl in (i for i in impls if i.contract == "core"):
         scenarios = kernels.select(dtypes, quick, slow_kernel=getattr(impl, "interpreted", False))
-        r, v = verify_kernel(impl, scenarios, cache, log, timeout, keep)
+        r, v = verify_kernel(impl, scenarios, cache, log, timeout, keep, grad, quick)
         rows += r
         verdicts.append(v)
     return rows, verdicts
@@ -331,6 +444,8 @@ def main(argv=None) -> int:
                    "(interleaved pairs), for --module and --impl")  # fmt: skip
     p.many("--dtype", split=True, default=list(DTYPES), help="dtypes (default: all three); repeatable, commas too")
     p.add_argument("--quick", action="store_true", help="the short scenario set")
+    p.add_argument("--grad", action="store_true", help="the backward pass too: gradients of sum(out * g) w.r.t. x "
+                   "and the weights (layers, modules) or q, k, v (kernels), against transformers through autograd")
     p.add_argument("--timeout", type=float, default=TIMEOUT_S, metavar="SECONDS",
                    help=f"per implementation and fixture (default {TIMEOUT_S:g}): past it, stage timeout")
     p.add_argument("--strict", action="store_true",
@@ -338,7 +453,8 @@ def main(argv=None) -> int:
     p.add_argument("--plot", type=Path, metavar="DIR", help="a PNG of where the error sits for every failing or "
                    "imprecise implementation and fixture")  # fmt: skip
     p.add_argument("--json", type=Path, help="write the results as JSON")
-    p.add_argument("--doc", type=Path, help="rewrite the generated precision table of this page (docs/precision.md)")
+    p.add_argument("--doc", type=Path, help="rewrite the generated table of this page: the precision ratios "
+                   "(docs/precision.md), or with --grad the gradient errors (docs/grad.md)")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     if a.json:
@@ -366,7 +482,8 @@ def main(argv=None) -> int:
     try:
         for i in impls:
             i.prepare(a.timeout)  # the user's code imported now: a bad spec stops the run before any work
-        rows, verdicts = verify(fixtures, impls, dtypes, a.quick, timeout=a.timeout, keep=runs if a.plot else None)
+        rows, verdicts = verify(fixtures, impls, dtypes, a.quick, timeout=a.timeout, keep=runs if a.plot else None,
+                                grad=a.grad)  # fmt: skip
     finally:
         for i in impls:
             i.close()
@@ -375,12 +492,13 @@ def main(argv=None) -> int:
     report.print_report(rows, verdicts, seconds, len(fixtures) if n_layers else 0, len(impls), strict=a.strict)
     if a.json:
         write_json(a.json, report.document(rows, verdicts, seconds, strict=a.strict))
-    if a.doc:
-        update_generated(a.doc, report.precision_markdown(rows))
+    if a.doc:  # with --grad: the gradient errors (docs/grad.md); else the precision ratios (docs/precision.md)
+        update_generated(a.doc, report.grad_markdown(rows) if a.grad else report.precision_markdown(rows))
     if a.plot:
         from harness.verify import plot
 
         for path in plot.draw_all(a.plot, verdicts, runs, {f.name: f for f in fixtures}):
             print(f"wrote {path}")
-    failed = any(not r.passed for r in rows) or (a.strict and any(v.imprecise for v in verdicts))
+    failed = any(not r.passed for r in rows) or any(not v.passed for v in verdicts)
+    failed = failed or (a.strict and any(v.imprecise for v in verdicts))
     return 1 if failed else 0

@@ -81,6 +81,17 @@ def _rope_stress(f, dt):
     return hidden(f, 1, S, 15, 4.0).to(dt), pos, None
 
 
+def _beyond_context(f, dt):
+    """Positions past the context the model was trained on (max_position_embeddings, and a rope type's
+    original_max_position_embeddings below it): where dynamic scaling recomputes its frequencies (transformers
+    does it from the longest position it sees) and where scaled frequencies matter most."""
+    S = 64
+    top = int(f.config.get("max_position_embeddings") or 131072)
+    g = torch.Generator().manual_seed(16)
+    pos = torch.sort(top + torch.randperm(top, generator=g)[:S]).values[None]  # (1, S) in [top, 2 top)
+    return hidden(f, 1, S, 16).to(dt), pos, None
+
+
 def _prompt(f, dt):
     x = f.inputs["hidden_states"]
     return x.to(dt), contiguous(1, x.shape[1]), None
@@ -111,6 +122,8 @@ SCENARIOS: list[Scenario] = [
              tags=frozenset({"positions"})),
     Scenario("rope_stress", "RoPE precision: long unequal distances and scores x16 (inputs x4)", _rope_stress,
              tags=frozenset({"positions", "large_scores"})),
+    Scenario("beyond_context", "positions past max_position_embeddings: dynamic scaling, scaled frequencies",
+             _beyond_context, tags=frozenset({"positions"})),
     Scenario("prompt", "the fixture's real prompt input", _prompt),
     Scenario("scaled_x50", "softmax stability: inputs x50, scores in the thousands", _simple(64, 6, 50.0), quick=False,
              tags=frozenset({"large_scores"})),

@@ -109,6 +109,39 @@ def results(value) -> tuple[list[dict], dict[str, torch.Tensor]]:
     return descs, tensors
 
 
+WEIGHT_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def layer_grads(obj, contract: str, config: dict, w: dict, x, pos, mask, g) -> list:
+    """Gradients of sum(out * g) w.r.t. x and the four weights (None where nothing flows back), for a layer or a
+    module (built here, from weights that require grad, so a module that uses them directly gives their
+    gradients)."""
+    x = x.detach().clone().requires_grad_(True)
+    w = {k: v.detach().clone().requires_grad_(True) for k, v in w.items()}
+    with torch.enable_grad():
+        if contract == "module":
+            out = obj(config, w)(x, pos, attention_mask=mask)
+        else:
+            out = obj(x, w, config=config, position_ids=pos, attention_mask=mask)
+        if not isinstance(out, torch.Tensor) or out.shape != g.shape:
+            return [out]  # described and refused by the caller, like a forward output
+        wanted = [x] + [w[n] for n in WEIGHT_NAMES]
+        grads = torch.autograd.grad((out * g.to(out.dtype)).sum(), wanted, allow_unused=True)
+    return list(grads)
+
+
+def core_grads(obj, q, k, v, causal, scale, mask, g) -> list:
+    """Gradients of sum(out * g) w.r.t. q, k and v."""
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    with torch.enable_grad():
+        value = obj(q, k, v, causal=causal, scale=scale, attention_mask=mask)
+        out = value[0] if isinstance(value, tuple) else value
+        if not isinstance(out, torch.Tensor) or out.shape != g.shape:
+            return [out]
+        grads = torch.autograd.grad((out * g.to(out.dtype)).sum(), [q, k, v], allow_unused=True)
+    return list(grads)
+
+
 def serve(spec: str, contract: str) -> None:
     """The worker's main loop. Exits when the parent closes the channel."""
     proto_out = os.dup(1)
@@ -166,6 +199,16 @@ def handle(obj, contract, header, t, weights, configs, modules):
                 value = modules[key](x, pos, attention_mask=mask)
             else:
                 value = obj(x, w, config=config, position_ids=pos, attention_mask=mask)
+    elif op == "layer_grad":
+        key = header["key"]
+        config = json.loads(json.dumps(configs[key]))
+        mask = t["attention_mask"].to(dev) if "attention_mask" in t else None
+        value = tuple(layer_grads(obj, contract, config, weights[key], t["x"].to(dev), t["position_ids"].to(dev),
+                                  mask, t["g"].to(dev)))  # fmt: skip
+    elif op == "core_grad":
+        mask = t["attention_mask"].to(dev) if "attention_mask" in t else None
+        q, k, v, g = (t[n].to(dev) for n in ("q", "k", "v", "g"))
+        value = tuple(core_grads(obj, q, k, v, header["causal"], header["scale"], mask, g))
     elif op == "core":
         q, k, v = (t[n].to(dev) for n in ("q", "k", "v"))
         mask = t["attention_mask"].to(dev) if "attention_mask" in t else None
