@@ -14,10 +14,10 @@ STAMP      := $(VENV)/.setup-done
 # linear, dynamic and yarn RoPE scaling
 SYNTH      := $(patsubst %,fixtures/%-synthetic/manifest.json,llama-3.2-1b rope-linear rope-dynamic rope-yarn)
 
-.PHONY: setup verify verify-quick e2e plot mutants bench bench-quick test test-fast extract synthetic lint clean help
+.PHONY: setup verify verify-quick verify-grad e2e plot mutants bench bench-quick test test-fast extract synthetic lint clean help
 
 help:
-	@echo "make verify | verify-quick | e2e [MODEL=...] [IMPLS=...] | plot | mutants | bench [BENCH_ARGS=...] | bench-quick | test | test-fast | extract [SOURCE=...] [LAYER=N] | lint | clean"
+	@echo "make verify | verify-quick | verify-grad | e2e [MODEL=...] [IMPLS=...] | plot | mutants | bench [BENCH_ARGS=...] | bench-quick | test | test-fast | extract [SOURCE=...] [LAYER=N] | lint | clean"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ verify: $(STAMP) $(SYNTH)
 
 verify-quick: $(STAMP) $(SYNTH)
 	$(PY) -m harness verify --quick $(VERIFY_ARGS)
+
+# The backward: every built-in's gradients on every fixture and on the kernel matrix, against transformers
+verify-grad: $(STAMP) $(SYNTH)
+	$(PY) -m harness verify --grad $(VERIFY_ARGS)
 
 # A whole real model (SmolLM2-135M-Instruct by default) with each implementation in every layer, against
 # transformers: logits, greedy tokens, KV-cache decoding. E.g. make e2e MODEL=hf:meta-llama/Llama-3.2-1B-Instruct

@@ -3,8 +3,12 @@
 Timings are never asserted (performance targets live in the benchmark's report, not in tests): these tests check
 that the bench measures the right computation and counts bytes correctly. Traffic: a matmul reads both operands and
 writes the product, views move nothing, in-place ops read and write, broadcasts read one copy. Tensor peak: the
-most bytes alive at once. Meta-device prediction (used for what cannot run here) equals the real run's counts.
-Peak RSS: a call that allocates 200 MB shows 200 MB. Every bench case computes the same attention as transformers.
+most bytes alive at once. Meta-device prediction (used for what cannot run here) equals the real run's counts,
+backward cases' forward state included. Peak RSS: a call that allocates 200 MB shows 200 MB. Every bench case
+computes the same attention as transformers; every backward case returns transformers' gradients. The Triton
+kernel's counted traffic equals its closed form where the bench counts it (128 here, 384 in test_triton.py; the
+full run counts 1024 and records the comparison in its row), and beyond the interpreter's budget the bench plans no
+interpreted call. Rows say their direction and device; --device cuda without CUDA is one line, exit 2.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from conftest import one_line_error, run
 
 from harness.bench import cases, meter, plan, report
 from harness.bench import run as bench_run
+from harness.common import UserError, update_generated
 
 F = 4  # float32 bytes
 
@@ -57,17 +62,24 @@ def test_tensor_peak_counts_what_is_alive_at_once():
     assert m.tensor_peak == 0  # inputs and in-place results are not new memory
 
 
-@pytest.mark.parametrize("name", ["naive", "loop", "tiled", "hf_eager"])
-def test_meta_prediction_equals_the_real_run(name):
+@pytest.mark.parametrize("name, direction", [("naive", "forward"), ("loop", "forward"), ("tiled", "forward"),
+                                             ("hf_eager", "forward"), ("naive", "backward"), ("tiled", "backward"),
+                                             ("hf_eager", "backward")])  # fmt: skip
+def test_meta_prediction_equals_the_real_run(name, direction):
     """What the bench reports for configurations that cannot run is computed on the meta device: it must be
-    what the real run counts."""
+    what the real run counts (for a backward case: its call, and the forward state it needs alive)."""
     cfg = cases.llama_config()
     s = cases.shape_of(cfg)
-    real, _ = meter.meter_call(cases.make_case(name, s, 300, cfg).fn)
-    pred = plan.predict(name, s, 300, cfg)
-    print(f"{name}: real traffic {real.traffic} peak {real.tensor_peak}; meta {pred.traffic} {pred.tensor_peak}")
+    case = cases.make_case(name, s, 300, cfg, direction=direction)
+    real, _ = meter.meter_call(case.fn)
+    pred = plan.predict(name, s, 300, cfg, direction)
+    print(f"{name} {direction}: real traffic {real.traffic} peak {real.tensor_peak} held {case.held}; "
+          f"meta {pred.traffic} {pred.tensor_peak} {pred.held}")  # fmt: skip
     assert (pred.traffic, pred.tensor_peak, pred.ops) == (real.traffic, real.tensor_peak, real.ops)
-    assert real.tensor_peak > F * s.H * 300 * s.d  # at least the output
+    assert pred.held == case.held
+    assert real.tensor_peak > F * s.H * 300 * s.d  # at least the output (backward: dq)
+    if direction == "backward":
+        assert case.held >= F * s.H * 300 * s.d  # at least the forward's output
 
 
 def test_naive_traffic_is_quadratic_and_tiled_tiles_round_trip_but_sdpa_does_not():
@@ -89,9 +101,10 @@ def test_every_case_computes_transformers_attention():
     cfg = cases.llama_config()
     s = cases.shape_of(cfg)
     n = 200
-    want = cases.make_case("hf_eager", s, n, cfg, seed=3).fn()  # (B, S, H, d)
+    want = cases.make_case("hf_eager", s, n, cfg, seed=3).fn()  # (B, H, S, d): transformers' output, transposed
+    assert want.shape == (1, s.H, n, s.d)
     for name in ("naive", "loop", "tiled", "sdpa"):
-        got = cases.make_case(name, s, n, cfg, seed=3).fn().transpose(1, 2)  # (B, S, H, d)
+        got = cases.make_case(name, s, n, cfg, seed=3).fn()  # (B, H, S, d)
         err = float((got - want).abs().max())
         print(f"{name} vs HF eager (bench inputs, seq {n}): max |diff| {err:.2e}")
         assert err < 1e-4, (name, err)
@@ -105,6 +118,45 @@ def test_every_case_computes_transformers_attention():
     assert a.shape == (1, n, s.D) and err < 1e-4
 
 
+def test_backward_cases_compute_transformers_gradients():
+    """Each backward case's call is the gradient of its forward: dq, dk, dv equal autograd through transformers'
+    eager_attention_forward on the case's own q, k, v and output gradient (whole tensors), and a second call (the
+    timed ones) gives them again."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    cfg = cases.llama_config()
+    s = cases.shape_of(cfg)
+    n = 200
+    for name in cases.BACKWARD:
+        case = cases.make_case(name, s, n, cfg, seed=3, direction="backward")
+        q, k, v, dout = (t.detach().clone().requires_grad_() for t in case.inputs)
+        bias = torch.full((n, n), torch.finfo(torch.float32).min).triu_(1)[None, None]  # as transformers builds it
+        out = eager_attention_forward(cases._module(s), q, k, v, bias, scaling=s.d**-0.5)[0]  # (B, S, H, d)
+        want = torch.autograd.grad(out, (q, k, v), dout.transpose(1, 2))
+        first, again = case.fn(), case.fn()
+        for grad, w, g2, what in zip(first, want, again, ("dq", "dk", "dv"), strict=True):
+            err = float((grad - w).abs().max())
+            print(f"{name} backward {what} vs autograd through HF eager (seq {n}): max |diff| {err:.2e}")
+            assert grad.shape == w.shape and err < 1e-4, (name, what, err)
+            assert torch.equal(grad, g2), (name, what)
+        assert case.flops == 2 * cases.core_flops(s, n) and case.held > 0
+
+
+def test_backward_plan_counts_the_forward_state(monkeypatch):
+    """A backward call needs its forward's saved tensors alive too: the planner adds them to the call's peak."""
+    cfg = cases.llama_config()
+    s = cases.shape_of(cfg)
+    pred = plan.predict("naive", s, 256, cfg, "backward")
+    assert pred.held >= 2 * F * s.H * 256 * 256  # naive keeps S x S tensors (scores, probabilities) for its backward
+    free = pred.tensor_peak + pred.held // 2  # the call alone would fit, with its forward state it does not
+    monkeypatch.setattr(plan, "_meminfo", lambda key: free)
+    why, _ = plan.plan("naive", s, 256, cfg, None, calls=1, max_s=1e9, mem_fraction=1.0, direction="backward")
+    assert "cannot run" in why and "forward state" in why
+    monkeypatch.setattr(plan, "_meminfo", lambda key: pred.tensor_peak + pred.held)
+    assert plan.plan("naive", s, 256, cfg, None, calls=1, max_s=1e9, mem_fraction=1.0, direction="backward")[0] == ""
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not meter._can_reset_hwm(), reason="needs Linux /proc/self/clear_refs (VmHWM reset)")
 def test_peak_rss_sees_an_allocation():
     big = cases.Case("big", lambda: torch.ones(50 * 2**20), 0.0)  # 200 MiB, written
@@ -136,7 +188,9 @@ def test_io_model_and_flops():
 
 
 @pytest.mark.slow  # 10 s: roofline, runs, matplotlib (keeps make test-fast under 2 min)
+@pytest.mark.slow  # the roofline measured for real
 def test_cli_rows_json_and_plot(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_run, "MIN_TIMED_S", 0.0)  # the runs asked for, not 2 s of them (the roofline is real)
     out, png = tmp_path / "b.json", tmp_path / "b.png"
     rc = report.main(["--seq", "128,256", "--impl", "tiled,sdpa,naive", "--runs", "2", "--json", str(out),
                      "--plot", str(png)])  # (--runs below 5 only to keep the test short)
@@ -153,7 +207,7 @@ def test_cli_rows_json_and_plot(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow  # 3 s each (keeps make test-fast under 2 min)
-def test_what_cannot_run_is_computed_and_labelled(tmp_path, monkeypatch):
+def test_what_cannot_run_is_computed_and_labelled(tmp_path, monkeypatch, no_roofline):
     monkeypatch.setattr(plan, "_meminfo", lambda key: 3 * 10**6)  # "3 MB free": naive's scores do not fit
     out = tmp_path / "b.json"
     assert report.main(["--seq", "256", "--impl", "naive,sdpa", "--runs", "1", "--json", str(out)]) == 0
@@ -165,7 +219,7 @@ def test_what_cannot_run_is_computed_and_labelled(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow  # 10 s: roofline, runs, matplotlib (keeps make test-fast under 2 min)
-def test_time_budget_skips_and_says_so(tmp_path):
+def test_time_budget_skips_and_says_so(tmp_path, no_roofline):
     out = tmp_path / "b.json"
     assert report.main(["--seq", "128,1024", "--impl", "naive", "--runs", "1", "--max-config-s", "0.001",
                        "--json", str(out)]) == 0
@@ -192,11 +246,17 @@ def test_bad_argument_from_the_command_line():
     assert "--impl flash9: unknown" in one_line_error(p)
 
 
+@pytest.mark.slow
 def test_replot_redraws_from_json_and_rejects_other_files(tmp_path, capsys):
+    machine = {"cpu": "x", "threads": 2, "torch": "2", "matmul_gflops": 100.0}
     rows = [{"impl": "tiled", "seq": 1024, "ran": True, "median_s": 0.1, "peak_bytes": 3e7, "traffic_bytes": 9e8,
-             "cpu": "x", "threads": 2, "torch": "2", "matmul_gflops": 100.0},
+             **machine},  # (rows of a run before backward rows: no "direction", read as forward)
             {"impl": "naive", "seq": 1024, "ran": False, "median_s": None, "peak_bytes": 5e8, "traffic_bytes": 2e9,
-             "cpu": "x", "threads": 2, "torch": "2", "matmul_gflops": 100.0}]
+             **machine},
+            {"impl": "triton", "seq": 1024, "ran": True, "median_s": 40.0, "peak_bytes": 4e6, "traffic_bytes": 1.6e8,
+             "time_method": "interpreted: not a kernel time", "direction": "forward", **machine},
+            {"impl": "tiled", "seq": 1024, "ran": True, "median_s": 0.2, "peak_bytes": 6e7, "traffic_bytes": 2e9,
+             "direction": "backward", "forward_state_bytes": 9e6, **machine}]  # fmt: skip
     src, png = tmp_path / "rows.json", tmp_path / "p.png"
     src.write_text(json.dumps(rows))
     assert report.main(["--replot", str(src), "--plot", str(png)]) == 0
@@ -204,3 +264,140 @@ def test_replot_redraws_from_json_and_rejects_other_files(tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"not": "rows"}')
     assert report.cli(["--replot", str(tmp_path / "bad.json"), "--plot", str(png)]) == 2
     assert "--replot" in one_line_error(capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# backward rows, triton rows, --device
+
+
+@pytest.fixture
+def no_roofline(monkeypatch):
+    """The command line without its roofline measurement (seconds) and its 2 s of timed calls per row: these tests
+    check what the rows say, never a time."""
+    monkeypatch.setattr(meter, "roofline", lambda device=None, runs=10: {"matmul_gflops": 100.0,
+                                                                         "matmul_shape": [1, 1, 1], "copy_gbps": 10.0})
+    monkeypatch.setattr(bench_run, "MIN_TIMED_S", 0.0)
+
+
+@pytest.mark.slow
+def test_rows_say_their_direction_and_device(tmp_path, no_roofline):
+    out = tmp_path / "b.json"
+    assert report.main(["--seq", "128", "--impl", "tiled,sdpa", "--backward", "--runs", "1", "--json", str(out),
+                        "--device", "cpu"]) == 0  # fmt: skip
+    rows = json.loads(out.read_text())
+    assert [(r["impl"], r["direction"]) for r in rows] == [
+        (i, d) for d in ("forward", "backward") for i in ("tiled", "sdpa")
+    ]
+    for r in rows:
+        assert r["device"] == "cpu" and r["ran"] and r["time_method"].startswith("measured")
+        assert r["peak_bytes"] > 0 and r["traffic_bytes"] > 0 and r["traffic_method"].startswith("measured")
+    fwd = {r["impl"]: r for r in rows if r["direction"] == "forward"}
+    bwd = {r["impl"]: r for r in rows if r["direction"] == "backward"}
+    for name in ("tiled", "sdpa"):
+        assert bwd[name]["flops"] == 2 * fwd[name]["flops"]
+        assert bwd[name]["forward_state_bytes"] >= F * 32 * 128 * 64  # at least the forward's output
+        assert "forward_state_bytes" not in fwd[name]
+    assert fwd["sdpa"]["backend"] and bwd["sdpa"]["backend"]  # the backend that actually ran
+
+
+@pytest.mark.slow
+def test_triton_traffic_counted_where_interpreted_closed_form_beyond(tmp_path, no_roofline):
+    """On a CPU the Triton kernel runs in the interpreter: one call, its loads and stores counted, == the closed
+    form; where one call would pass the interpreter's budget it is not run (no interpreted call is planned past
+    it) and its traffic is the closed form, labelled."""
+    out = tmp_path / "b.json"
+    assert report.main(["--seq", "128,4096", "--impl", "triton", "--runs", "3", "--json", str(out)]) == 0
+    small, big = json.loads(out.read_text())
+    s = cases.shape_of(cases.llama_config())
+    closed = cases.triton_traffic(s, 128)
+    assert small["ran"] and small["runs"] == 1 and small["time_method"] == "interpreted: not a kernel time"
+    assert small["traffic_method"] == "counted: Triton interpreter, global loads/stores"
+    assert small["traffic_bytes"] == closed["load_bytes"] + closed["store_bytes"] == small["traffic_model_bytes"]
+    assert small["traffic_count_equals_model"] is True and small["gflops"] is None
+    assert small["peak_bytes"] == cases.triton_alloc(s, 128)  # its outputs, out and lse
+    assert not big["ran"] and big["median_s"] is None and "interpreted" in big["reason"]
+    closed = cases.triton_traffic(s, 4096)
+    assert big["traffic_bytes"] == closed["load_bytes"] + closed["store_bytes"]
+    assert big["traffic_method"].startswith("closed form") and big["peak_method"].startswith("computed")
+
+
+def test_device_cuda_without_cuda_is_one_line_exit_2(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert report.cli(["--device", "cuda", "--seq", "128", "--impl", "tiled"]) == 2
+    assert "--device cuda" in one_line_error(capsys.readouterr().err)
+    p = run(["scripts/bench.py", "--device", "cuda:0", "--quick"])
+    assert p.returncode == 2 and "--device cuda:0" in one_line_error(p)
+    assert report.cli(["--device", "bogus"]) == 2
+    assert "--device bogus" in one_line_error(capsys.readouterr().err)
+
+
+def test_what_each_option_runs():
+    """--quick stays short: no interpreted triton, no backward rows; --backward adds naive, tiled, sdpa (or the
+    --impl ones that have a backward case); --seq lets backward rows past 4096."""
+    opt = report.options(report.parser().parse_args(["--quick"]))
+    assert opt.seqs == (1024,) and opt.backward == () and opt.device == torch.device("cpu")
+    assert "triton" not in opt.impls and "tiled" in opt.impls
+    assert [j for j in bench_run.jobs(opt, 1024) if j[1] == "backward"] == []
+    opt = report.options(report.parser().parse_args(["--backward"]))
+    assert "triton" in opt.impls and opt.backward == ("naive", "tiled", "sdpa")
+    assert ("tiled", "backward") in bench_run.jobs(opt, 4096)
+    assert not [j for j in bench_run.jobs(opt, 16384) if j[1] == "backward"]
+    opt = report.options(report.parser().parse_args(["--impl", "tiled,hf_eager,loop", "--backward", "--seq", "8192"]))
+    assert opt.backward == ("tiled", "hf_eager") and ("tiled", "backward") in bench_run.jobs(opt, 8192)
+
+
+def test_backward_without_a_backward_case_is_one_line(capsys):
+    assert report.cli(["--impl", "loop", "--backward"]) == 2
+    assert "--backward" in one_line_error(capsys.readouterr().err)
+
+
+def _row(impl, seq, direction="forward", **kw):
+    r = bench_run.Row(impl, seq, ran=kw.pop("ran", True), direction=direction)
+    for k, v in kw.items():
+        setattr(r, k, v)
+    return r
+
+
+def test_targets_report_backward_and_naive_over_triton_traffic():
+    rows = [_row("tiled", 4096, "backward", median_s=3.0, peak_bytes=60e6),
+            _row("sdpa", 4096, "backward", median_s=2.0, peak_bytes=80e6),
+            _row("naive", 1024, traffic_bytes=2e9), _row("triton", 1024, traffic_bytes=1e8,
+                                                          traffic_method="counted: Triton interpreter, ..."),
+            _row("naive", 16384, ran=False, traffic_bytes=4e11), _row("triton", 16384, ran=False, traffic_bytes=4e10,
+                                                                       traffic_method="closed form ...")]  # fmt: skip
+    goals = {t["target"]: t for t in report.targets(rows)}
+    time_goal = goals["tiled backward time <= 1.5x sdpa backward at 4096"]
+    assert time_goal["met"] is True and time_goal["value"].startswith("1.50x")
+    peak_goal = goals["tiled backward peak memory <= 2x sdpa backward at 4096"]
+    assert peak_goal["met"] is True and peak_goal["value"].startswith("0.75x")
+    rows[0].median_s = 3.1
+    assert not {t["target"]: t for t in report.targets(rows)}[time_goal["target"]]["met"]
+    (ratio,) = [t for t in goals.values() if t["target"].startswith("traffic naive")]
+    assert ratio["met"] is None
+    assert ratio["value"] == ("1024: 2 GB / 100 MB (counted) = 20.0x; "
+                              "16384: 400 GB (computed) / 40 GB (closed form) = 10.0x")
+
+
+def test_generated_block_of_the_docs_page(tmp_path):
+    rows = [_row("tiled", 1024, median_s=0.1, min_s=0.09, max_s=0.2, gflops=50.0, frac_matmul=0.4, peak_bytes=3e7,
+                 peak_method="measured: VmHWM - VmRSS", traffic_bytes=1e9, traffic_method="measured: aten ..."),
+            _row("triton", 1024, median_s=40.0, min_s=40.0, max_s=40.0, time_method="interpreted: not a kernel time",
+                 peak_bytes=4e6, peak_method="measured: tensor bytes", traffic_bytes=1.6e8,
+                 traffic_method="counted: Triton interpreter, global loads/stores"),
+            _row("naive", 4096, "backward", ran=False, peak_bytes=1e10, peak_method="computed: ...",
+                 traffic_bytes=5e10, traffic_method="computed: ...", reason="needs 20 GB")]  # fmt: skip
+    info = {"machine": {"cpu": "x", "threads": 2, "torch": "2", "device": "cpu"},
+            "roofline": {"matmul_gflops": 100.0, "copy_gbps": 10.0}}  # fmt: skip
+    text = report.markdown(rows, info, [{"target": "t", "value": "1.1x", "met": False}])
+    assert "| `triton` | forward | 1024 | 40 s (1 call, interpreted: not a kernel time) |" in text
+    assert "| 160 MB (counted) |" in text and "| 10 GB (computed) | 50 GB (computed) | needs 20 GB |" in text
+    assert "- t: 1.1x (**MISSED**)" in text
+    page = tmp_path / "bench.md"
+    page.write_text("# x\n<!-- generated by: scripts/bench.py -->\nold\n<!-- end generated -->\nafter\n")
+    report._check_generated_block(page)
+    update_generated(page, text)
+    assert "old" not in page.read_text() and "after" in page.read_text() and "`triton`" in page.read_text()
+    with pytest.raises(UserError):
+        report._check_generated_block(tmp_path / "missing.md")
+    assert report.cli(["--seq", "128", "--impl", "tiled", "--doc", str(tmp_path / "missing.md")]) == 2  # before any run

@@ -52,6 +52,7 @@ def test_exit_and_exception_are_crash_verdicts(tmp_path):
     assert f"FAIL smollm2-135m / {HOSTILE}:exits_zero: stage crash" in p.stdout
 
 
+@pytest.mark.slow
 def test_hang_is_a_timeout_and_the_worker_is_killed(tmp_path):
     t0 = time.monotonic()
     p, doc = verify_cli(tmp_path, *QUICK, "--impl", f"{HOSTILE}:hangs", "--timeout", "4")
@@ -155,7 +156,7 @@ def kernel_refs():
 
 
 def test_every_kernel_bug_of_the_catalog_is_tested():
-    expressible = {b.name for b in CATALOG if b.contract == "core"}
+    expressible = {b.name for b in CATALOG if b.contract == "core" and b.kind == "forward"}  # backward: test_grad
     assert expressible <= set(KERNEL_BUGS)
 
 

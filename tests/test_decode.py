@@ -142,7 +142,7 @@ def test_decode_matches_hf_dynamic_cache(cases, case, core):
     assert err <= 2 * hf_err + 1e-5, (err, hf_err)
 
 
-@pytest.mark.parametrize("core", list(CORES))
+@pytest.mark.parametrize("core", COMPILED + [pytest.param(c, marks=pytest.mark.slow) for c in INTERPRETED_ON_CPU])
 def test_multi_token_steps_match_hf(fixtures, core):
     """Steps of 3 and 5 new tokens: bottom-right causal inside the chunk, Sq < Sk."""
     cfg, w, _ = fixtures["llama-3.2-1b-synthetic"]

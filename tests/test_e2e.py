@@ -151,6 +151,7 @@ def test_cli_broken_plugin_exit_1_with_texts(tiny_dir, tmp_path, capsys):
     assert all(p["decode_tokens_equal"] is None for p in doc["prompts"])  # a plug-in has no KV path
 
 
+@pytest.mark.slow
 def test_cli_crashing_plugin_is_a_failure_not_a_traceback(tiny_dir, tmp_path, capsys):
     plugin = tmp_path / "crash.py"
     plugin.write_text("def attention(x, weights, **kw):\n    raise ValueError('shapes do not line up')\n")
@@ -243,9 +244,9 @@ def smol():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["tiled", "sdpa"])  # naive and loop: the tiny Llama above (the same code paths)
+@pytest.mark.parametrize("name", ["tiled"])  # the others: the tiny Llama above (the same code paths); all: `make e2e`
 def test_smollm2_builtins_reproduce_hf(smol, name):
-    results = e2e.run_e2e(smol, IMPLEMENTATIONS[name], CORES[name], list(e2e.DEFAULT_PROMPTS), 32)
+    results = e2e.run_e2e(smol, IMPLEMENTATIONS[name], CORES[name], list(e2e.DEFAULT_PROMPTS), 16)
     for r in results:
         print(f"\n[e2e {name}] {r.n_prompt_tokens} tokens: prefill {r.max_logit_abs_err:.2e}, steps "
               f"{r.generate_max_logit_abs_err:.2e}, decode {r.decode_max_logit_abs_err:.2e}, HF sdpa "
@@ -260,26 +261,19 @@ def test_smollm2_builtins_reproduce_hf(smol, name):
 
 @pytest.mark.slow
 def test_smollm2_cache_matches_the_committed_fixture(smol):
-    """Two independent dequantizations agree: transformers' (the cached model) and the gguf library's (with our
-    q/k un-permutation) that made fixtures/smollm2-135m."""
+    """Two independent dequantizations agree: transformers' GGUF loading (the cached model) and the gguf library's
+    (with our q/k un-permutation) that made fixtures/smollm2-135m: the four weights and the layer's input."""
     from harness.fixtures.format import WEIGHT_NAMES, load_fixture
 
     f = load_fixture("smollm2-135m")
     attn = smol.layers[f.layer].self_attn
     for n in WEIGHT_NAMES:
         assert torch.equal(getattr(attn, n).weight.detach(), f.weights[n].float()), n
-
-
-@pytest.mark.slow
-def test_smollm2_cli_broken_plugin_fails(tmp_path):
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("What is the capital of France?\n")
-    out = tmp_path / "e2e.json"
-    p = run(["-m", "harness", "e2e", "--impl", "tests/plugins/broken.py:rope_interleaved",
-             "--prompts", str(prompts), "--tokens", "8", "--json", str(out)])  # fmt: skip
-    assert p.returncode == 1, p.stdout + p.stderr
-    assert "tokens differ for: What is the capital of France?" in p.stdout and "Traceback" not in p.stderr
-    assert json.loads(out.read_text())["passed"] is False
+    # and the layer's input: transformers' embedding and RMSNorm of the fixture's tokens, exactly
+    with torch.no_grad():
+        emb = smol.lm.model.embed_tokens(f.inputs["token_ids"])
+        want = smol.layers[f.layer].input_layernorm(emb)
+    torch.testing.assert_close(f.inputs["hidden_states"], want, rtol=0, atol=0)
 
 
 @pytest.mark.slow

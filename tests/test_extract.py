@@ -38,29 +38,8 @@ def hf_model_layer_input(hf_dir, ids, layer):
         return model.layers[layer].input_layernorm(hs)
 
 
-@pytest.mark.slow
-def test_gguf_equals_transformers_gguf_loader(tmp_path):
-    """Our dequantize + q/k un-permutation == transformers' own GGUF loading of that layer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    from harness.fixtures.sources.gguf_file import smollm2_path
-
-    path = str(smollm2_path())
-    with torch.device("meta"):  # transformers needs a model to know the architecture; no memory spent
-        model = LlamaForCausalLM(LlamaConfig(**load_gguf_checkpoint(path)["config"]))
-    theirs = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
-    f = fx.load_fixture("smollm2-135m")
-    for n in fx.WEIGHT_NAMES:
-        assert torch.equal(f.weights[n], theirs[f"model.layers.0.self_attn.{n}.weight"].float()), n
-    emb = theirs["model.embed_tokens.weight"][f.inputs["token_ids"][0]]
-    norm = theirs["model.layers.0.input_layernorm.weight"]
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    rms = LlamaRMSNorm(576, eps=f.config["rms_norm_eps"])
-    rms.weight.data = norm.float()
-    with torch.no_grad():
-        torch.testing.assert_close(f.inputs["hidden_states"][0], rms(emb.float()), rtol=0, atol=0)
+# GGUF dequantization + q/k un-permutation == transformers' own GGUF loading: tests/test_e2e.py
+# (test_smollm2_cache_matches_the_committed_fixture, on the model transformers loaded from the same file)
 
 
 @pytest.mark.slow
@@ -191,7 +170,6 @@ def test_golden_uses_an_explicit_causal_mask(tmp_path, small_hf_dir):
     "args, match",
     [
         (["--source", "/no/such/dir"], "neither"),
-        pytest.param(["--source", "smollm2", "--layer", "99"], "out of range", marks=pytest.mark.slow),  # GGUF: 15 s
         (["--source", "hf:not-a-repo-id"], "OWNER/NAME"),
         (["--synthetic"], "--config"),
         (["--layer", "x"], "invalid int"),
@@ -202,3 +180,9 @@ def test_bad_arguments_are_one_line_exit_2(tmp_path, args, match, monkeypatch):
     p = run(["scripts/extract.py", *args, "--out", str(tmp_path / "x")])
     assert p.returncode == 2, p.stderr
     assert match in one_line_error(p)
+
+
+def test_layer_out_of_range_is_one_line_exit_2(small_hf_dir, tmp_path):
+    p = run(["scripts/extract.py", "--source", str(small_hf_dir), "--layer", "99", "--out", str(tmp_path / "fx")])
+    assert p.returncode == 2 and "--layer 99 is out of range: the model has layers 0..1" in one_line_error(p)
+    assert not (tmp_path / "fx").exists()

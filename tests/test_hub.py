@@ -28,6 +28,9 @@ def llama_dir(tmp_path_factory):
 
 @pytest.fixture
 def hub(hf_env, llama_dir, monkeypatch):
+    from harness.fixtures.sources import hub as source
+
+    monkeypatch.setattr(source, "BACKOFF_S", 0.0)  # retries without waits: the mock answers at once
     with MockHub({REPO: llama_dir}, gated={REPO}, lfs_redirect=True) as h:
         monkeypatch.setenv("HF_ENDPOINT", h.url)
         monkeypatch.setenv("HF_TOKEN", h.token)

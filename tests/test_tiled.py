@@ -369,6 +369,7 @@ def llama_shapes():
     return H, Hkv, d
 
 
+@pytest.mark.slow
 def test_memory_no_seq_by_seq_tensor_at_4096(llama_shapes):
     S = 4096
     H, Hkv, d = llama_shapes

@@ -1,8 +1,11 @@
-"""`bench`: time, peak memory and memory traffic of attention on Llama-3.2-1B's shapes.
+"""`bench`: time, peak memory and memory traffic of attention on Llama-3.2-1B's shapes, forward and backward.
 
-    meter.py   the instrument: bytes at aten op boundaries, tensor bytes alive, resident-set peak
-    cases.py   the calls measured (ours and transformers'), their FLOPs and the FlashAttention IO model
-    plan.py    can a configuration run here (memory computed on the meta device, time projected)?
-    run.py     measure every planned configuration
-    report.py  the table, the targets, the JSON, the figure; the command line
+    meter.py           the instrument: bytes at aten op boundaries, tensor bytes alive, resident-set (or CUDA) peak,
+                       the clocks (wall clock; CUDA events)
+    kernel_traffic.py  the bytes a Triton kernel loads and stores, counted in Triton's interpreter
+    cases.py           the calls measured (ours and transformers'; forward, and the backward call alone), their
+                       FLOPs, the FlashAttention IO model, the Triton kernel's traffic in closed form
+    plan.py            can a configuration run here (memory computed on the meta device, time projected)?
+    run.py             measure every planned configuration
+    report.py          the table, the targets, the JSON, the figure, the docs block; the command line
 """

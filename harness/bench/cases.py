@@ -1,7 +1,8 @@
 """The calls measured: one per implementation on the same q, k, v (projected and rotated once, outside the
-timing): naive, loop, tiled, sdpa (ours) and transformers' eager and sdpa attention functions (anchors); plus the
-whole layer (projections included) for tiled and for transformers' LlamaAttention. Their useful FLOPs, and the
-FlashAttention paper's IO model to draw beside the measured traffic.
+timing): naive, loop, tiled, sdpa, triton (ours) and transformers' eager and sdpa attention functions (anchors);
+plus the whole layer (projections included) for tiled and for transformers' LlamaAttention. Backward cases: the
+gradient call alone, on a forward state and an output gradient prepared outside the timing. Their useful FLOPs, the
+FlashAttention paper's IO model to draw beside the measured traffic, and the Triton kernel's traffic in closed form.
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ from pathlib import Path
 
 import torch
 
+from harness.bench.meter import Meter
 from harness.common import FIXTURES_DIR, UserError
 
 CONFIG = FIXTURES_DIR / "llama-3.2-1b" / "config.json"
-CORE = ("naive", "loop", "tiled", "sdpa", "hf_eager", "hf_sdpa")
+CORE = ("naive", "loop", "tiled", "sdpa", "triton", "hf_eager", "hf_sdpa")
 LAYER = ("layer_tiled", "layer_hf")
+BACKWARD = ("naive", "tiled", "sdpa", "hf_eager", "hf_sdpa")  # the cases that have a backward call
+BACKWARD_ROWS = ("naive", "tiled", "sdpa")  # the ones `--backward` measures unless --impl names others
+INTERPRETED = ("triton",)  # Triton kernels: compiled on CUDA, run in Triton's interpreter on a CPU
 H100_SMEM = 227 * 1024  # bytes of shared memory one thread block may use on an H100 SM: the tile budget M
 
 # ---------------------------------------------------------------------------------------------------------
@@ -49,7 +54,16 @@ def core_flops(s: Shape, n: int) -> float:
     return 4.0 * s.B * s.H * s.d * n * (n + 1) / 2
 
 
-def flops_of(name: str, s: Shape, n: int) -> float:
+def backward_flops(s: Shape, n: int) -> float:
+    """Useful FLOPs of the causal backward: dV = P^T dO, dP = dO V^T, dS K and dS^T Q (2 d each) over the allowed
+    pairs, twice the forward's. FlashAttention's recomputation of S (a fifth product) gets no credit, as naive's
+    masked half gets none."""
+    return 2 * core_flops(s, n)
+
+
+def flops_of(name: str, s: Shape, n: int, direction: str = "forward") -> float:
+    if direction == "backward":
+        return backward_flops(s, n)
     return core_flops(s, n) if name in CORE else layer_flops(s, n)
 
 
@@ -71,6 +85,19 @@ def io_model(s: Shape, n: int, *, sram: int = H100_SMEM, elsize: int = 4) -> tup
     return float(naive * s.H * s.B * elsize), float(tiled * s.H * s.B * elsize)
 
 
+def triton_traffic(s: Shape, n: int) -> dict:
+    """The Triton kernel's global loads and stores at seq n (float32, causal, its default blocks), in closed form:
+    impl.flash_triton.traffic_model, exact against kernel_traffic's count of the interpreted kernel."""
+    from impl import flash_triton
+
+    return flash_triton.traffic_model(s.B, s.H, s.Hkv, n, n, s.d, dtype=torch.float32, causal=True)
+
+
+def triton_alloc(s: Shape, n: int) -> int:
+    """Bytes the Triton kernel allocates: its outputs, out (B, H, n, d) and lse (B, H, n) float32; no scratch."""
+    return 4 * s.B * s.H * n * (s.d + 1)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the cases: name -> (seq, device) -> a no-argument call on prepared inputs
 
@@ -80,6 +107,9 @@ class Case:
     name: str
     fn: Callable[[], object]  # the call that is measured
     flops: float
+    direction: str = "forward"
+    held: int = 0  # backward: bytes of the forward's state (saved tensors and out), alive before and after the call
+    inputs: tuple = ()  # backward: (q, k, v, dout), for checking the gradients
 
 
 def _module(s: Shape):
@@ -89,58 +119,83 @@ def _module(s: Shape):
     return m.eval()
 
 
-def make_case(name: str, s: Shape, n: int, cfg: dict, device: str = "cpu", seed: int = 0) -> Case:
+def make_case(name: str, s: Shape, n: int, cfg: dict, device="cpu", seed: int = 0,
+              direction: str = "forward") -> Case:
     """Inputs for `name` at seq n, made here (outside the timing), and the call on them."""
-    from impl import CORES, context_of, tiled
-
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, std=1.0):
-        if device == "meta":
+        if torch.device(device).type == "meta":
             return torch.empty(*shape, device="meta")
         return (torch.randn(*shape, generator=g) * std).to(device)
 
     if name in LAYER:
-        x = rand(s.B, n, s.D)
-        w = {
-            "q_proj": rand(s.H * s.d, s.D, std=0.02),
-            "k_proj": rand(s.Hkv * s.d, s.D, std=0.02),
-            "v_proj": rand(s.Hkv * s.d, s.D, std=0.02),
-            "o_proj": rand(s.D, s.H * s.d, std=0.02),
-        }
-        pos = torch.arange(n, device=device)[None].expand(s.B, n)
-        if name == "layer_tiled":
-            return Case(name, lambda: tiled.attention(x, w, config=cfg, position_ids=pos), layer_flops(s, n))
-        from transformers import LlamaConfig
-        from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
-
-        conf = LlamaConfig(**{k: v for k, v in cfg.items() if k != "torch_dtype"}, attn_implementation="sdpa")
-        with torch.device(device):
-            attn = LlamaAttention(conf, layer_idx=0).eval()
-            cos, sin = LlamaRotaryEmbedding(conf)(x, pos)  # computed once per forward, shared by all layers
-        attn.load_state_dict({f"{k}.weight": t for k, t in w.items()})
-
-        def hf_layer():
-            with torch.no_grad():
-                return attn(x, position_embeddings=(cos, sin), attention_mask=None)[0]
-
-        return Case(name, hf_layer, layer_flops(s, n))
-
+        if direction != "forward":
+            raise UserError(f"{name}: no backward case; backward rows are for {', '.join(BACKWARD)}")
+        return _layer_case(name, s, n, cfg, device, rand)
     q, k, v = rand(s.B, s.H, n, s.d), rand(s.B, s.Hkv, n, s.d), rand(s.B, s.Hkv, n, s.d)
-    flops = core_flops(s, n)
+    attn = _core_call(name, s, n, device)  # (q, k, v) -> out (B, H, n, d)
+    if direction == "forward":
+        return Case(name, lambda: attn(q, k, v), core_flops(s, n))
+    if name not in BACKWARD:
+        raise UserError(f"{name}: no backward case; backward rows are for {', '.join(BACKWARD)}")
+    # The backward alone: the forward runs here, recording its graph (and, under the meter, the bytes it keeps
+    # for the backward); each measured call is one autograd.grad through it, the graph kept for the next call.
+    dout = rand(s.B, s.H, n, s.d)
+    for t in (q, k, v):
+        t.requires_grad_()
+    with torch.enable_grad(), Meter() as m:
+        out = attn(q, k, v)
+    return Case(name, lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), backward_flops(s, n),
+                direction, held=m.live, inputs=(q, k, v, dout))  # fmt: skip
+
+
+def _layer_case(name: str, s: Shape, n: int, cfg: dict, device, rand) -> Case:
+    from impl import tiled
+
+    x = rand(s.B, n, s.D)
+    w = {
+        "q_proj": rand(s.H * s.d, s.D, std=0.02),
+        "k_proj": rand(s.Hkv * s.d, s.D, std=0.02),
+        "v_proj": rand(s.Hkv * s.d, s.D, std=0.02),
+        "o_proj": rand(s.D, s.H * s.d, std=0.02),
+    }
+    pos = torch.arange(n, device=device)[None].expand(s.B, n)
+    if name == "layer_tiled":
+        return Case(name, lambda: tiled.attention(x, w, config=cfg, position_ids=pos), layer_flops(s, n))
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+
+    conf = LlamaConfig(**{k: v for k, v in cfg.items() if k != "torch_dtype"}, attn_implementation="sdpa")
+    with torch.device(device):
+        attn = LlamaAttention(conf, layer_idx=0).eval()
+        cos, sin = LlamaRotaryEmbedding(conf)(x, pos)  # computed once per forward, shared by all layers
+    attn.load_state_dict({f"{k}.weight": t for k, t in w.items()})
+
+    def hf_layer():
+        with torch.no_grad():
+            return attn(x, position_embeddings=(cos, sin), attention_mask=None)[0]
+
+    return Case(name, hf_layer, layer_flops(s, n))
+
+
+def _core_call(name: str, s: Shape, n: int, device) -> Callable:
+    """(q, k, v) -> out (B, H, n, d) for a core case (transformers' (B, n, H, d) outputs as a transposed view)."""
+    from impl import CORES, context_of
+
     if name in CORES:
         core = CORES[name]
-        return Case(name, lambda: context_of(core(q, k, v)), flops)
+        return lambda q, k, v: context_of(core(q, k, v))
     if name == "hf_eager":
         from transformers.models.llama.modeling_llama import eager_attention_forward
 
         # eager is not causal by itself: the additive mask transformers builds for it, an input here
         bias = torch.full((n, n), torch.finfo(torch.float32).min, device=device).triu_(1)[None, None]
         m = _module(s)
-        return Case(name, lambda: eager_attention_forward(m, q, k, v, bias, scaling=s.d**-0.5)[0], flops)
+        return lambda q, k, v: eager_attention_forward(m, q, k, v, bias, scaling=s.d**-0.5)[0].transpose(1, 2)
     if name == "hf_sdpa":
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         m = _module(s)
-        return Case(name, lambda: sdpa_attention_forward(m, q, k, v, None, scaling=s.d**-0.5)[0], flops)
+        return lambda q, k, v: sdpa_attention_forward(m, q, k, v, None, scaling=s.d**-0.5)[0].transpose(1, 2)
     raise UserError(f"unknown implementation {name!r}: choose from {', '.join(CORE + LAYER)}")

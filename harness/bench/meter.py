@@ -5,7 +5,8 @@
 - tensor peak: the most bytes of tensors alive at once (the same mode; also on the meta device, where nothing
   is allocated, so a call too big to run can be counted);
 - resident-set peak: /proc/self/status VmHWM, reset through /proc/self/clear_refs, which sees every allocation,
-  kernels' scratch included;
+  kernels' scratch included (on a CUDA device: torch.cuda's peak of allocated bytes instead);
+- time: perf_counter around the call on a CPU; CUDA events around it on a GPU (launches are asynchronous);
 - the machine: its float32 matmul rate and copy bandwidth (the roofline), measured in the same run.
 """
 
@@ -25,29 +26,53 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+CPU = torch.device("cpu")
+
 # ---------------------------------------------------------------------------------------------------------
 # the machine: roofline and memory
 
 
-def _timed(fn: Callable, runs: int, min_s: float = 0.0, cap: int = 50) -> list[float]:
+def wall_clock(fn: Callable) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def cuda_clock(fn: Callable) -> float:
+    """Seconds on the GPU from before the call's first launch to after its last kernel: CUDA events on the current
+    stream, then a wait for the end event (the call returns as soon as its kernels are queued)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def clock_for(device: torch.device) -> Callable[[Callable], float]:
+    return cuda_clock if device.type == "cuda" else wall_clock
+
+
+def _timed(fn: Callable, runs: int, min_s: float = 0.0, cap: int = 50, clock: Callable = wall_clock) -> list[float]:
     """At least `runs` timed calls, more (up to `cap`) until they add up to `min_s`: short calls are noisy."""
     ts: list[float] = []
     while len(ts) < runs or (sum(ts) < min_s and len(ts) < cap):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
+        ts.append(clock(fn))
     return ts
 
 
-def roofline(n: int = 2048, runs: int = 10) -> dict:
-    """Measured float32 matmul rate (GFLOP/s, n x n @ n x n) and copy bandwidth (GB/s, 256 MB read + written)."""
+def roofline(device: torch.device = CPU, runs: int = 10) -> dict:
+    """Measured float32 matmul rate (GFLOP/s, n x n @ n x n; n = 2048 on a CPU, 8192 on a GPU) and copy bandwidth
+    (GB/s, 256 MB read + written) on `device`."""
+    n = 8192 if device.type == "cuda" else 2048
+    clock = clock_for(device)
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    a, b = torch.randn(n, n, generator=g).to(device), torch.randn(n, n, generator=g).to(device)
     a @ b
-    t_mm = statistics.median(_timed(lambda: a @ b, runs))
-    src, dst = torch.ones(64 * 2**20), torch.empty(64 * 2**20)
+    t_mm = statistics.median(_timed(lambda: a @ b, runs, clock=clock))
+    src, dst = torch.ones(64 * 2**20, device=device), torch.empty(64 * 2**20, device=device)
     dst.copy_(src)
-    t_cp = statistics.median(_timed(lambda: dst.copy_(src), runs))
+    t_cp = statistics.median(_timed(lambda: dst.copy_(src), runs, clock=clock))
     return {
         "matmul_gflops": 2 * n**3 / t_mm / 1e9,
         "matmul_shape": [n, n, n],
@@ -55,7 +80,7 @@ def roofline(n: int = 2048, runs: int = 10) -> dict:
     }
 
 
-def machine() -> dict:
+def machine(device: torch.device = CPU) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -64,8 +89,8 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {
-        "device": "cpu",
+    info = {
+        "device": str(device),
         "cpu": cpu,
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
@@ -73,6 +98,10 @@ def machine() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda)
+    return info
 
 
 def _meminfo(key: str) -> int | None:
@@ -194,13 +223,10 @@ class Meter(TorchDispatchMode):
         self.live -= self._new.pop(key, 0)
 
 
-
-
 def meter_call(fn: Callable) -> tuple[Meter, object]:
     with torch.no_grad(), Meter() as m:
         out = fn()
     return m, out
-
 
 
 def human(b: float | None) -> str:

@@ -5,7 +5,8 @@ catalog: a bug is caught when some check fails, and diagnosed when the verdict n
     -> what escaped, on the next fixture (escalation) -> scores: caught, stage right; held-out bugs apart
 
 The held-out bugs are never seen by the diagnosis, so their stage accuracy is what the diagnosis does on bugs it
-was not written for. The gate (exit 1) is: every bug caught, held out or not; stage accuracy is reported.
+was not written for. The gate (exit 1; CI runs it) is: every bug caught, held out or not, and at least
+MIN_TUNED_STAGE of the tuned bugs' stages named right; the held-out accuracy is reported, never gated or tuned to.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import time
 from dataclasses import dataclass
 
 from harness.bugs.catalog import BY_NAME, CATALOG, Bug
+
+MIN_TUNED_STAGE = 0.9  # of the tuned bugs, the share whose stage the verdict must name
 
 # Real weights first (fast, GQA 9/3), then Llama-3.2-1B's exact config (llama3 RoPE scaling, 32/8 heads), then the
 # small Llama-shaped configs with linear, dynamic and yarn scaling (what only a scaled rope type can show).
@@ -165,4 +168,11 @@ def main(argv=None) -> int:
         write_json(a.json, {**scores(results), "rows": rows, "seconds": round(seconds, 1)})
     if a.doc:
         update_generated(a.doc, markdown(results, seconds, [f.name for f in fixtures]))
-    return 0 if all(r.caught for r in results) else 1
+    s = scores(results)
+    escaped = [r.mutant for r in results if not r.caught]
+    if escaped:
+        print(f"GATE FAILED: {len(escaped)} bug(s) pass the harness: {', '.join(escaped)}")
+    if s["diagnosed_tuned"] < MIN_TUNED_STAGE * s["tuned"]:
+        print(f"GATE FAILED: stage right on {s['diagnosed_tuned']}/{s['tuned']} tuned bugs, below "
+              f"{MIN_TUNED_STAGE:.0%}")  # fmt: skip
+    return 1 if escaped or s["diagnosed_tuned"] < MIN_TUNED_STAGE * s["tuned"] else 0

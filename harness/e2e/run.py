@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from harness.common import Parser, UserError, write_json
+from harness.common import Parser, UserError, resolve_device, write_json
 from harness.e2e.swap import swapped
 
 # 1e-3 of the logit scale (max |logit| of the reference at that prompt). Measured on SmolLM2-135M (30 layers),
@@ -179,7 +179,7 @@ def run_e2e(model, fn, core, prompts: list[str], n: int) -> list[PromptResult]:
     lm, tok = model.lm, model.tokenizer
     rows = [encode_prompt(tok, p) for p in prompts]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids, mask, pos = left_pad(rows, pad)  # (B, S) x3
+    ids, mask, pos = (t.to(lm.device) for t in left_pad(rows, pad))  # (B, S) x3, where the model is
 
     # reference: the unmodified model (eager), its generate, and its sdpa path for the noise floor
     ref = reference_logits(lm, ids, mask, pos)  # (B, S, V)
@@ -336,6 +336,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10, help="AdamW steps with --train (default 10)")
     p.add_argument("--timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="for the whole model run (default 1800): past it, stage timeout")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--json", type=Path, help="write the result as JSON to this path")
     a = p.parse_args(argv)
     if a.tokens < 1:
@@ -350,12 +351,14 @@ def main(argv=None) -> int:
         raise UserError("give --impl or --module, not both")
     prompts = read_prompts(a.prompts)
     spec, contract = (a.module, "module") if a.module else (a.impl or "tiled", "layer")
-    impl = resolve(spec, contract, layout=a.weights_layout)
+    device = resolve_device(a.device)
+    impl = resolve(spec, contract, layout=a.weights_layout, device=str(device))
 
     t0 = time.perf_counter()
     impl.prepare(a.timeout)
     model = load_model(a.model)
-    print(f"loaded {model.name} ({model.source}) in {model.seconds:.1f} s")
+    model.lm.to(device)
+    print(f"loaded {model.name} ({model.source}) in {model.seconds:.1f} s, on {device}")
     core = CORES.get(spec) if impl.builtin else None  # built-ins also decode with impl.decode's KV cache
     impl.deadline = time.monotonic() + a.timeout
     if a.train:

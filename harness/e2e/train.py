@@ -91,7 +91,7 @@ def lm_batch(model, prompts: list[str]):
 
 
 def run_train(model, impl: Impl, prompts: list[str], steps: int = STEPS, lr: float = LR, log=print) -> TrainResult:
-    ids, mask, pos, labels = lm_batch(model, prompts)
+    ids, mask, pos, labels = (t.to(model.lm.device) for t in lm_batch(model, prompts))
     ref = model.lm
     mine = copy.deepcopy(ref)
     run = {"mask": None if bool(mask.all()) else mask}

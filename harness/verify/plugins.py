@@ -107,6 +107,14 @@ class Impl:
         """-> (out, lse or None)."""
         raise NotImplementedError
 
+    @property
+    def backend(self) -> str | None:
+        """What actually ran, where an implementation chooses (sdpa's backend), for the report."""
+        return None
+
+    def launch(self) -> None:
+        """Start importing the code without waiting (several implementations' workers import side by side)."""
+
     def prepare(self, timeout: float) -> None:
         """Import the code now, so a spec that names nothing importable is bad input before any work is done."""
 
@@ -151,43 +159,56 @@ class Builtin(Impl):
         return True
 
     @property
+    def backend(self) -> str | None:
+        if self.spec != "sdpa":
+            return None
+        from impl import sdpa
+
+        return sdpa.last_backend  # the backend that ran last (a silent fall-back shows here)
+
+    @property
     def interpreted(self) -> bool:
         """Run in Triton's interpreter here (on a CPU): slow, so it gets the shorter scenario list."""
         from impl import INTERPRETED_ON_CPU
 
         return self.spec in INTERPRETED_ON_CPU and not str(self.device).startswith("cuda")
 
+    def _on(self, t):
+        """A fresh copy on this implementation's device: nothing it does reaches the caller's tensor."""
+        return None if t is None else t.to(self.device, copy=True)
+
     def layer(self, key, config, weights, x, pos, mask):
-        w = {k: v.clone() for k, v in weights.items()}
+        w = {k: self._on(v) for k, v in weights.items()}
         with torch.no_grad():
-            out = self.fn(x.clone(), w, config=config, position_ids=pos.clone(),
-                          attention_mask=None if mask is None else mask.clone())  # fmt: skip
-        check_layer(results(out)[0], out, x)
-        return out
+            out = self.fn(self._on(x), w, config=config, position_ids=self._on(pos), attention_mask=self._on(mask))
+        check_layer(results(out)[0], out, x, self.device)
+        return out.to(x.device)  # back where the caller's tensors are
 
     def core(self, q, k, v, *, causal=True, scale=None, mask=None):
         with torch.no_grad():
-            value = self.fn(q.clone(), k.clone(), v.clone(), causal=causal, scale=scale,
-                            attention_mask=None if mask is None else mask.clone())  # fmt: skip
+            value = self.fn(self._on(q), self._on(k), self._on(v), causal=causal, scale=scale,
+                            attention_mask=self._on(mask))  # fmt: skip
         descs, _ = results(value)
         items = list(value) if isinstance(value, tuple) else [value]
-        return check_core(descs, items, q)
+        return check_core(descs, items, q, self.device)
 
     def layer_grad(self, key, config, weights, x, pos, mask, g):
-        grads = layer_grads(self.fn, "layer", config, weights, x, pos, None if mask is None else mask.clone(), g)
+        w = {k: self._on(v) for k, v in weights.items()}
+        grads = layer_grads(self.fn, "layer", config, w, self._on(x), self._on(pos), self._on(mask), self._on(g))
         wrt = {"x": x, **{n: weights[n] for n in GRAD_OF[1:]}}
-        return check_grads([describe(t) for t in grads], grads, wrt, "layer")
+        return check_grads([describe(t) for t in grads], grads, wrt, "layer", self.device)
 
     def core_grad(self, q, k, v, *, causal=True, scale=None, mask=None, g):
-        grads = core_grads(self.fn, q, k, v, causal, scale, None if mask is None else mask.clone(), g)
-        return check_grads([describe(t) for t in grads], grads, {"q": q, "k": k, "v": v}, "core")
+        grads = core_grads(self.fn, self._on(q), self._on(k), self._on(v), causal, scale, self._on(mask), self._on(g))
+        return check_grads([describe(t) for t in grads], grads, {"q": q, "k": k, "v": v}, "core", self.device)
 
 
 GRAD_OF = ("x", "q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def check_grads(descs: list[dict], items: list, wrt: dict, contract: str) -> dict:
-    """Gradients as they came back -> {name: tensor}, each of its input's shape, dtype and device."""
+def check_grads(descs: list[dict], items: list, wrt: dict, contract: str, device=None) -> dict:
+    """Gradients as they came back -> {name: tensor} (where the inputs are), each of its input's shape and dtype,
+    on the implementation's device."""
     if len(descs) == 1 and len(wrt) > 1:  # the forward output itself, refused
         raise Fault("contract", f"computing gradients: {_contract_error('the output', descs[0], 'a tensor').message}")
     out = {}
@@ -196,7 +217,7 @@ def check_grads(descs: list[dict], items: list, wrt: dict, contract: str) -> dic
             if contract == "module" and name != "x":
                 continue  # the module keeps its own copy of this weight: nothing to compare
             raise Fault("contract", f"no gradient reaches {name}: the computation is not differentiable w.r.t. it")
-        _check_tensor(f"the gradient of {name}", d, t, like.shape, like.dtype, like.device)
+        _check_tensor(f"the gradient of {name}", d, t, like.shape, like.dtype, torch.device(device or like.device))
         out[name] = t.to(like.device)
     return out
 
@@ -208,6 +229,9 @@ class Isolated(Impl):
         super().__init__(spec, contract, **kw)
         self.worker = Worker(spec, contract, self.device)
         self.early: Fault | None = None  # a fault while importing, given as the first call's verdict
+
+    def launch(self) -> None:
+        self.worker.launch()
 
     def prepare(self, timeout: float) -> None:
         try:
@@ -230,7 +254,7 @@ class Isolated(Impl):
         t = {"x": x, "position_ids": pos} | ({} if mask is None else {"attention_mask": mask})
         reply, out = self.worker.call({"op": "layer", "key": key}, t, self.deadline, "running the layer")
         got = out.get("r0")
-        check_layer(reply["results"], got, x)
+        check_layer(reply["results"], got, x, self.device)
         return got.to(x.device)
 
     def core(self, q, k, v, *, causal=True, scale=None, mask=None):
@@ -239,7 +263,7 @@ class Isolated(Impl):
         reply, out = self.worker.call({"op": "core", "causal": causal, "scale": scale}, t, self.deadline,
                                       "running the kernel")  # fmt: skip
         items = [out.get(f"r{i}") for i in range(len(reply["results"]))]
-        return check_core(reply["results"], items, q)
+        return check_core(reply["results"], items, q, self.device)
 
     @property
     def alive(self) -> bool:
@@ -253,7 +277,7 @@ class Isolated(Impl):
         reply, out = self.worker.call({"op": "layer_grad", "key": key}, t, self.deadline, "computing gradients")
         items = [out.get(f"r{i}") for i in range(len(reply["results"]))]
         wrt = {"x": x, **{n: weights[n] for n in GRAD_OF[1:]}}
-        grads = check_grads(reply["results"], items, wrt, self.contract)
+        grads = check_grads(reply["results"], items, wrt, self.contract, self.device)
         if self.layout == "meta":  # its q/k rows were in Meta's order: their gradients come back in it
             from harness.fixtures.sources.base import interleaved_to_half_split
 
@@ -268,7 +292,7 @@ class Isolated(Impl):
         reply, out = self.worker.call({"op": "core_grad", "causal": causal, "scale": scale}, t, self.deadline,
                                       "computing gradients")  # fmt: skip
         items = [out.get(f"r{i}") for i in range(len(reply["results"]))]
-        return check_grads(reply["results"], items, {"q": q, "k": k, "v": v}, "core")
+        return check_grads(reply["results"], items, {"q": q, "k": k, "v": v}, "core", self.device)
 
     def reset(self) -> None:
         self.worker.stop()
@@ -319,21 +343,23 @@ def _check_tensor(what: str, desc: dict, t, shape, dtype, device) -> None:
         raise _contract_error(what, desc, want)
 
 
-def check_layer(descs: list[dict], out, x: torch.Tensor) -> None:
-    """A layer's output: one tensor of x's shape, dtype and device."""
+def check_layer(descs: list[dict], out, x: torch.Tensor, device=None) -> None:
+    """A layer's output: one tensor of x's shape and dtype, on the device the implementation was given."""
     if len(descs) != 1:
         raise Fault("contract", f"the layer returned a tuple of {len(descs)}, expected one tensor {list(x.shape)}")
-    _check_tensor("the layer", descs[0], out, x.shape, x.dtype, x.device)
+    _check_tensor("the layer", descs[0], out, x.shape, x.dtype, torch.device(device or x.device))
 
 
-def check_core(descs: list[dict], items: list, q: torch.Tensor):
-    """A kernel's output: out [B, H, Sq, d] in q's dtype, or (out, lse [B, H, Sq] float32)."""
+def check_core(descs: list[dict], items: list, q: torch.Tensor, device=None):
+    """A kernel's output: out [B, H, Sq, d] in q's dtype, or (out, lse [B, H, Sq] float32), on its device.
+    Returned where the caller's q is."""
+    dev = torch.device(device or q.device)
     if len(descs) not in (1, 2):
         raise Fault("contract", f"the kernel returned a tuple of {len(descs)}, expected out or (out, lse)")
-    _check_tensor("the kernel's out", descs[0], items[0], q.shape, q.dtype, q.device)
+    _check_tensor("the kernel's out", descs[0], items[0], q.shape, q.dtype, dev)
     lse = None
     if len(descs) == 2:
-        _check_tensor("the kernel's lse", descs[1], items[1], q.shape[:3], torch.float32, q.device)
+        _check_tensor("the kernel's lse", descs[1], items[1], q.shape[:3], torch.float32, dev)
         lse = items[1].to(q.device)
     return items[0].to(q.device), lse
 

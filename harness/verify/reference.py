@@ -55,8 +55,9 @@ class Reference:
         x = x.to(self.dtype)
         B, S, _ = x.shape
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        mask = additive_mask(S, past + S, attention_mask, B, self.dtype)
-        cos_sin = self.rope(x, position_ids)
+        mask = additive_mask(S, past + S, None if attention_mask is None else attention_mask.cpu(), B,
+                             self.dtype).to(x.device)  # fmt: skip
+        cos_sin = self.rope.to(x.device)(x, position_ids)
         out, _ = self.attn(x, position_embeddings=cos_sin, attention_mask=mask, past_key_values=past_key_values)
         return out
 
@@ -70,7 +71,7 @@ def float64_tables(config: dict, position_ids: torch.Tensor):
     from impl.rope import cos_sin, inv_freq
 
     inv, scaling = inv_freq(config, seq_len=int(position_ids.max()) + 1, dtype=torch.float64)
-    return cos_sin(inv, position_ids, scaling, dtype=torch.float64)
+    return cos_sin(inv.to(position_ids.device), position_ids, scaling, dtype=torch.float64)
 
 
 class Reference64(Reference):
@@ -88,6 +89,7 @@ class Reference64(Reference):
     def __call__(self, x, position_ids, attention_mask=None, past_key_values=None):
         x = x.to(torch.float64)
         B, S, _ = x.shape
-        mask = additive_mask(S, S, attention_mask, B, torch.float64)
-        out, _ = self.attn(x, position_embeddings=float64_tables(self.config, position_ids), attention_mask=mask)
+        mask = additive_mask(S, S, None if attention_mask is None else attention_mask.cpu(), B, torch.float64)
+        out, _ = self.attn(x, position_embeddings=float64_tables(self.config, position_ids),
+                           attention_mask=mask.to(x.device))  # fmt: skip
         return out

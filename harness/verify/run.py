@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from harness.common import Parser, UserError, compared_rows, update_generated, write_json
+from harness.common import Parser, UserError, compared_rows, resolve_device, update_generated, write_json
 from harness.fixtures.format import Fixture, list_fixtures, load_fixture
 from harness.fixtures.validate import output_dir, output_path
 from harness.verify import grads, kernels, report
@@ -49,8 +49,9 @@ class Row:
     dtype: str
     seconds: float
     c: Comparison
-    check: str = "forward"  # "forward"; "lse" for a kernel's log-sum-exp
+    check: str = "forward"  # "forward"; "lse" for a kernel's log-sum-exp; "grad_x", ... for gradients
     error: str | None = None  # why there is no output (a fault)
+    device: str = "cpu"
 
     @property
     def passed(self) -> bool:
@@ -58,7 +59,8 @@ class Row:
 
     def json(self) -> dict:
         return {"fixture": self.fixture, "impl": self.impl, "scenario": self.scenario, "dtype": self.dtype,
-                "check": self.check, **asdict(self.c), "error": self.error, "seconds": self.seconds}  # fmt: skip
+                "check": self.check, **asdict(self.c), "error": self.error, "device": self.device,
+                "seconds": self.seconds}  # fmt: skip
 
 
 @dataclass
@@ -74,6 +76,8 @@ class Verdict:
     matched: str | None = None
     failing: list[str] = field(default_factory=list)
     error: str | None = None  # a fault's traceback or message
+    device: str = "cpu"
+    backend: str | None = None  # for sdpa: the backend that actually ran
     imprecise: bool = False  # passes the gate, but some check is far less precise than transformers
     precision_ratio: float = 0.0  # the largest over its checks (1 = as precise as transformers)
 
@@ -118,13 +122,21 @@ def weights_in(f: Fixture, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {k: v.to(dtype, copy=True) for k, v in f.weights.items()}  # always a copy: never the fixture's own
 
 
-def reference(f: Fixture, s: Scenario, cache: dict) -> Case:
-    """Inputs, HF eager in the scenario's dtype and HF in float64, once per (fixture contents, scenario)."""
-    key = (f.key, s.name)
+def on(t, device):
+    return None if t is None else t.to(device)
+
+
+def reference(f: Fixture, s: Scenario, cache: dict, device: str = "cpu") -> Case:
+    """Inputs, HF eager in the scenario's dtype and HF in float64 (computed on `device`, kept on the CPU), once per
+    (fixture contents, scenario, device)."""
+    key = (f.key, s.name, str(device))
     if key not in cache:
         x, pos, mask = s.build(f, s.dtype)
-        ref = Reference(f.config, weights_in(f, s.dtype), layer=f.layer, dtype=s.dtype)(x, pos, mask)
-        ref64 = Reference64(f.config, f.weights, layer=f.layer)(x, pos, mask)
+        w = {k: v.to(device) for k, v in weights_in(f, s.dtype).items()}
+        ref = Reference(f.config, w, layer=f.layer, dtype=s.dtype)(x.to(device), pos.to(device), on(mask, device))
+        w64 = {k: v.to(device) for k, v in f.weights.items()}
+        ref64 = Reference64(f.config, w64, layer=f.layer)(x.to(device), pos.to(device), on(mask, device))
+        ref, ref64 = ref.cpu(), ref64.cpu()
         keep = compared_rows(x, mask)
         if not (torch.isfinite(ref64[keep]).all() and torch.isfinite(ref[keep]).all()):
             # the judge's own answer is not a number: a fixture problem, never an implementation's fault
@@ -135,20 +147,21 @@ def reference(f: Fixture, s: Scenario, cache: dict) -> Case:
     return cache[key]
 
 
-def reference_checks(f: Fixture, scenarios: list[Scenario], cache) -> list[Row]:
+def reference_checks(f: Fixture, scenarios: list[Scenario], cache, device="cpu") -> list[Row]:
     """HF eager vs HF sdpa (a check of the reference), and HF eager vs the stored golden (drift)."""
     rows = []
-    sdpa = Reference(f.config, weights_in(f, torch.float32), layer=f.layer, attn_implementation="sdpa")
+    w = {k: v.to(device) for k, v in weights_in(f, torch.float32).items()}
+    sdpa = Reference(f.config, w, layer=f.layer, attn_implementation="sdpa")
     for s in scenarios:
         if s.dtype != torch.float32 or s.probe:
             continue
-        r = reference(f, s, cache)
+        r = reference(f, s, cache, device)
         t0 = time.perf_counter()
-        out = sdpa(r.x, r.pos, r.mask)
+        out = sdpa(r.x.to(device), r.pos.to(device), on(r.mask, device)).cpu()
         c = compare(out, r.ref, r.ref64, r.keep, s.dtype)
         rows.append(Row(f.name, "hf-sdpa", s.name, "float32", time.perf_counter() - t0, c))
     if f.inputs is not None:
-        r = reference(f, BY_NAME["prompt"], cache)
+        r = reference(f, BY_NAME["prompt"], cache, device)
         c = compare(f.inputs["golden"], r.ref, r.ref64, r.keep, torch.float32)
         import transformers
 
@@ -177,12 +190,13 @@ def _fault_verdict(fixture: str, impl: Impl, fault: Fault, failing: list[str]) -
 
 def verify_layer(f: Fixture, impl: Impl, scenarios: list[Scenario], cache: dict, log, timeout: float,
                  keep: dict | None = None, grad: bool = False, quick: bool = True):  # fmt: skip
+    device = impl.device
     rows, runs, failing, passing, fault = [], {}, [], [], None
     if keep is not None:
         keep[(f.name, impl.spec)] = runs  # the evidence, for the pictures
     impl.deadline = time.monotonic() + timeout
     for s in scenarios:
-        r = reference(f, s, cache)
+        r = reference(f, s, cache, device)
         t0 = time.perf_counter()
         out = err = None
         if fault is None or impl.alive:  # after an exception it answers on; after a death or a timeout, not
@@ -237,10 +251,10 @@ def verify_layer(f: Fixture, impl: Impl, scenarios: list[Scenario], cache: dict,
 
 def layer_grads(f: Fixture, impl: Impl, names: list[str], cache: dict, rows: list[Row], log) -> Verdict | None:
     """The backward pass on these scenarios: gradient rows appended; a failing verdict, or None when all pass."""
-    runs, failing, fault = {}, {}, None
+    runs, failing, fault, device = {}, {}, None, impl.device
     for name in names:
         s = BY_NAME[name]
-        r = reference(f, s, cache)
+        r = reference(f, s, cache, device)
         dt = _dtype(s.dtype)
         g = grads.seeded_g(r.ref.shape, r.keep, s.dtype)
         key = (f.key, s.name, "grad")
@@ -399,8 +413,16 @@ def verify_kernel(impl: Impl, scenarios: list, cache: dict, log, timeout: float,
     return rows, _precision(rows, Verdict(KERNELS, impl.spec, "core", False, d.stage, d.hint, d.matched, failing))
 
 
+def _on_device(items: list, impl: Impl) -> list:
+    for x in items:
+        x.device = str(impl.device)
+        if isinstance(x, Verdict):
+            x.backend = impl.backend
+    return items
+
+
 def verify(fixtures: list[Fixture], impls: list, dtypes: set, quick: bool, log=print, cache: dict | None = None,
-           timeout: float = TIMEOUT_S, keep: dict | None = None, grad: bool = False,
+           timeout: float = TIMEOUT_S, keep: dict | None = None, grad: bool = False, device: str = "cpu",
            ) -> tuple[list[Row], list[Verdict]]:  # fmt: skip
     """impls: Impl objects (or (name, layer function) pairs for harness code, run in this process). cache:
     reference results keyed by (fixture contents, scenario), reusable across calls."""
@@ -411,17 +433,17 @@ def verify(fixtures: list[Fixture], impls: list, dtypes: set, quick: bool, log=p
     layers = [i for i in impls if i.contract != "core"]
     if layers:
         for f in fixtures:
-            rows += reference_checks(f, select(f, dtypes, quick), cache)
+            rows += reference_checks(f, select(f, dtypes, quick), cache, device)
             for impl in layers:
                 scenarios = select(f, dtypes, quick, getattr(impl, "interpreted", False))
                 r, v = verify_layer(f, impl, scenarios, cache, log, timeout, keep, grad, quick)
-                rows += r
-                verdicts.append(v)
+                rows += _on_device(r, impl)
+                verdicts.append(_on_device([v], impl)[0])
     for impl in (i for i in impls if i.contract == "core"):
         scenarios = kernels.select(dtypes, quick, slow_kernel=getattr(impl, "interpreted", False))
         r, v = verify_kernel(impl, scenarios, cache, log, timeout, keep, grad, quick)
-        rows += r
-        verdicts.append(v)
+        rows += _on_device(r, impl)
+        verdicts.append(_on_device([v], impl)[0])
     return rows, verdicts
 
 
@@ -452,6 +474,8 @@ def main(argv=None) -> int:
                    help="an imprecise implementation (passes 1e-3, far less precise than transformers) fails too")
     p.add_argument("--plot", type=Path, metavar="DIR", help="a PNG of where the error sits for every failing or "
                    "imprecise implementation and fixture")  # fmt: skip
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu); the references run "
+                   "there too, float64 included")
     p.add_argument("--json", type=Path, help="write the results as JSON")
     p.add_argument("--doc", type=Path, help="rewrite the generated table of this page: the precision ratios "
                    "(docs/precision.md), or with --grad the gradient errors (docs/grad.md)")
@@ -469,21 +493,24 @@ def main(argv=None) -> int:
     if not a.timeout > 0:
         raise UserError(f"--timeout {a.timeout:g}: give a positive number of seconds")
     dtypes = {DTYPES[d] for d in a.dtype}
+    device = str(resolve_device(a.device))
     from impl import CORES, IMPLEMENTATIONS
 
     asked = {"layer": a.impl, "module": a.module, "core": a.core}
     if not any(asked.values()):  # the default: every built-in layer and every built-in kernel
         asked = {"layer": list(IMPLEMENTATIONS), "module": [], "core": list(CORES)}
-    impls = [resolve(spec, contract, layout=a.weights_layout)
+    impls = [resolve(spec, contract, layout=a.weights_layout, device=device)
              for contract in CONTRACTS for spec in dict.fromkeys(asked[contract] or [])]  # fmt: skip
     fixtures = resolve_fixtures(list(dict.fromkeys(a.fixture)) if a.fixture else None)
     torch.manual_seed(0)
     runs: dict = {}
     try:
         for i in impls:
+            i.launch()  # every worker imports at once (on several cores, side by side)
+        for i in impls:
             i.prepare(a.timeout)  # the user's code imported now: a bad spec stops the run before any work
         rows, verdicts = verify(fixtures, impls, dtypes, a.quick, timeout=a.timeout, keep=runs if a.plot else None,
-                                grad=a.grad)  # fmt: skip
+                                grad=a.grad, device=device)  # fmt: skip
     finally:
         for i in impls:
             i.close()

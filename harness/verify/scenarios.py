@@ -88,7 +88,7 @@ def _beyond_context(f, dt):
     S = 64
     top = int(f.config.get("max_position_embeddings") or 131072)
     g = torch.Generator().manual_seed(16)
-    pos = torch.sort(top + torch.randperm(top, generator=g)[:S]).values[None]  # (1, S) in [top, 2 top)
+    pos = torch.sort(top + torch.randperm(max(top, 4 * S), generator=g)[:S]).values[None]  # (1, S), all >= top
     return hidden(f, 1, S, 16).to(dt), pos, None
 
 

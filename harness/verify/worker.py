@@ -243,11 +243,16 @@ class Worker:
     def __init__(self, spec: str, contract: str, device: str = "cpu"):
         self.spec, self.contract, self.device = spec, contract, device
         self.proc = None
+        self.ready = False  # launched and answered: its code imported
         self.sent: set[str] = set()  # weight keys the current worker holds
 
-    def start(self, deadline: float | None) -> None:
-        from harness.common import ROOT, UserError
+    def launch(self) -> None:
+        """Start the process without waiting for it: the workers of several implementations import torch and the
+        user's code side by side. `start` (or the first call) waits for its answer."""
+        from harness.common import ROOT
 
+        if self.proc is not None:
+            return
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - the worker's stderr, read when it dies
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.getcwd(), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -257,6 +262,12 @@ class Worker:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env, start_new_session=True,
         )  # fmt: skip
         self.sent = set()
+        self.ready = False
+
+    def start(self, deadline: float | None) -> None:
+        from harness.common import UserError
+
+        self.launch()
         header, _ = self._receive(deadline, "starting (importing the code)")
         if not header.get("ok"):
             err = header.get("error", {})
@@ -268,6 +279,7 @@ class Worker:
             self.stop()
             raise Fault("crash", f"importing {self.spec} raised {err.get('type')}: {err.get('message', '')}",
                         err.get("traceback"))  # fmt: skip
+        self.ready = True
 
     def _receive(self, deadline, doing: str):
         try:
@@ -293,7 +305,7 @@ class Worker:
         return " ".join(text.split())[-n:]
 
     def call(self, header: dict, tensors: dict, deadline: float | None, doing: str):
-        if self.proc is None:
+        if not self.ready:
             self.start(deadline)
         try:
             write_message(self.proc.stdin.fileno(), {**header, "device": self.device}, tensors)
@@ -306,7 +318,7 @@ class Worker:
         return reply, out
 
     def weights(self, key: str, config: dict, weights: dict, deadline) -> None:
-        if self.proc is None or key not in self.sent:
+        if not self.ready or key not in self.sent:
             self.call({"op": "weights", "key": key, "config": config}, weights, deadline, "receiving weights")
             self.sent.add(key)
 
@@ -326,7 +338,7 @@ class Worker:
                 f.close()
             except OSError:
                 pass
-        self.proc = None
+        self.proc, self.ready = None, False
 
 
 def _exit_words(code: int) -> str:
