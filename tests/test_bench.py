@@ -188,7 +188,6 @@ def test_io_model_and_flops():
 
 
 @pytest.mark.slow  # 10 s: roofline, runs, matplotlib (keeps make test-fast under 2 min)
-@pytest.mark.slow  # the roofline measured for real
 def test_cli_rows_json_and_plot(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_run, "MIN_TIMED_S", 0.0)  # the runs asked for, not 2 s of them (the roofline is real)
     out, png = tmp_path / "b.json", tmp_path / "b.png"
