@@ -16,9 +16,9 @@ import math
 
 import pytest
 import torch
+from attn_ref import SMALL, TensorRecorder, Worst, allowed_mask, exact, left_padding_mask, maxerr, qkv, quadratic
 from conftest import random_weights
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
 
 from harness.fixtures.format import load_fixture
 from harness.verify.reference import Reference
@@ -30,85 +30,14 @@ BLOCKS = [(16, 16), (16, 64), (64, 16), (32, 48), (128, 128), (7, 13), (512, 512
 LENGTHS = [1, 2, 63, 64, 65, 257]
 GQA = [(4, 4), (4, 2), (4, 1)]  # (H, Hkv): MHA, g=2, MQA
 
-SMALL = {
-    "hidden_size": 128,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 32,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-    "max_position_embeddings": 4096,
-    "rms_norm_eps": 1e-5,
-    "num_hidden_layers": 1,
-    "vocab_size": 100,
-    "intermediate_size": 64,
-    "model_type": "llama",
-}
 
-WORST: dict[str, float] = {}
-
-
-def note(key: str, err: float) -> float:
-    WORST[key] = max(WORST.get(key, 0.0), float(err))
-    return float(err)
+WORST = Worst("test_tiled")
+note = WORST.note
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _summary():
-    # Thousands of tiny tile ops: with 2 intra-op threads on a 2-core machine shared with other processes, OpenMP
-    # barriers make each op milliseconds (100x slower). One thread for this module, restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    print("\n[test_tiled] largest errors measured:")
-    for k in sorted(WORST):
-        print(f"  {k:45s} {WORST[k]:.3e}")
-
-
-def maxerr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Max abs of the full difference (float64); NaN anywhere -> inf."""
-    d = (a.double() - b.double()).abs()
-    return float("inf") if torch.isnan(d).any() else float(d.max()) if d.numel() else 0.0
-
-
-def qkv(B, H, Hkv, Sq, Sk, d, seed=0, scale=1.0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, Sq, d, generator=g) * scale
-    k = torch.randn(B, Hkv, Sk, d, generator=g) * scale
-    v = torch.randn(B, Hkv, Sk, d, generator=g)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
-
-
-def allowed_mask(Sq, Sk, attention_mask=None, causal=True):
-    """(B|1, 1, Sq, Sk) bool, written independently of impl.masks."""
-    keep = torch.ones(Sq, Sk, dtype=torch.bool)
-    if causal:
-        keep = torch.arange(Sk)[None, :] <= torch.arange(Sq)[:, None] + (Sk - Sq)
-    keep = keep[None, None]
-    if attention_mask is not None:
-        keep = keep & attention_mask.bool()[:, None, None, :]
-    return keep
-
-
-def exact(q, k, v, attention_mask=None, causal=True):
-    """Attention in float64 with repeat_interleave GQA: (out (B, H, Sq, d), lse (B, H, Sq)); zeros/-inf if empty."""
-    q, k, v = q.double(), k.double(), v.double()
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-    s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    keep = allowed_mask(q.shape[2], k.shape[2], attention_mask, causal)
-    s = s.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # -inf where nothing is allowed
-    p = torch.where(keep, torch.exp(s - lse[..., None]), torch.zeros((), dtype=torch.float64))
-    return p @ v, lse
-
-
-def left_padding_mask(Sk, pads):
-    """[B, Sk]: row b has pads[b] leading zeros."""
-    m = torch.ones(len(pads), Sk, dtype=torch.long)
-    for b, p in enumerate(pads):
-        m[b, :p] = 0
-    return m
+    yield from WORST.single_threaded()
 
 
 def check_core(q, k, v, mask=None, *, block_q, block_k, tag="f32", tol=F32_TOL):
@@ -335,30 +264,6 @@ def test_causal_block_skipping_counts_lower_triangle():
 
 # --------------------------------------------------------------------------------------------------------------
 # the memory proof: no S x S tensor at seq 4096 on the Llama-3.2-1B shapes
-
-
-class TensorRecorder(TorchDispatchMode):
-    """Every tensor returned by any aten op while active: (op, shape)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[tuple[str, tuple[int, ...]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-
-        def rec(t):
-            if isinstance(t, torch.Tensor):
-                self.seen.append((str(func), tuple(t.shape)))
-            return t
-
-        tree_map(rec, out)
-        return out
-
-
-def quadratic(seen, S):
-    """Recorded tensors that are S x S or larger: >= S*S elements, or two dims of size >= S."""
-    return [(f, s) for f, s in seen if math.prod(s) >= S * S or sum(n >= S for n in s) >= 2]
 
 
 @pytest.fixture(scope="module")

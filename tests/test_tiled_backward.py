@@ -24,9 +24,10 @@ import math
 
 import pytest
 import torch
+from attn_ref import SMALL, TensorRecorder, Worst, allowed_mask, left_padding_mask, maxerr, quadratic
+from attn_ref import qkv as _qkv
 from conftest import random_weights
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
 
 from impl import tiled
 
@@ -44,72 +45,19 @@ BLOCKS = [(16, 48), (7, 13), (128, 256)]  # last: the defaults, larger than most
 LENGTHS = [1, 17, 113, 257, 1000]
 GQA = [(4, 4), (4, 2), (4, 1)]  # (H, Hkv): MHA, g=2, MQA
 
-SMALL = {
-    "hidden_size": 128,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 32,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-    "max_position_embeddings": 4096,
-    "rms_norm_eps": 1e-5,
-    "num_hidden_layers": 1,
-    "vocab_size": 100,
-    "intermediate_size": 64,
-    "model_type": "llama",
-}
 
-WORST: dict[str, float] = {}
-
-
-def note(key: str, err: float) -> float:
-    WORST[key] = max(WORST.get(key, 0.0), float(err))
-    return float(err)
+WORST = Worst("test_tiled_backward")
+note = WORST.note
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _summary():
-    # Thousands of tiny tile ops: one intra-op thread for this module (as in test_tiled.py), restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    print("\n[test_tiled_backward] largest errors measured:")
-    for k in sorted(WORST):
-        print(f"  {k:50s} {WORST[k]:.3e}")
-
-
-def maxerr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Max abs of the full difference (float64); NaN anywhere -> inf."""
-    d = (a.double() - b.double()).abs()
-    return float("inf") if torch.isnan(d).any() else float(d.max()) if d.numel() else 0.0
+    yield from WORST.single_threaded()
 
 
 def qkv(B, H, Hkv, Sq, Sk, d, seed=0, dtype=torch.float32):
     """Scores with std ~2 (a non-uniform softmax), values ~1."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, Sq, d, generator=g) * 1.5
-    k = torch.randn(B, Hkv, Sk, d, generator=g) * 1.5
-    v = torch.randn(B, Hkv, Sk, d, generator=g)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
-
-
-def allowed_mask(Sq, Sk, attention_mask=None, causal=True):
-    """(B|1, 1, Sq, Sk) bool, written independently of impl.masks."""
-    keep = torch.ones(Sq, Sk, dtype=torch.bool)
-    if causal:
-        keep = torch.arange(Sk)[None, :] <= torch.arange(Sq)[:, None] + (Sk - Sq)
-    keep = keep[None, None]
-    if attention_mask is not None:
-        keep = keep & attention_mask.bool()[:, None, None, :]
-    return keep
-
-
-def left_padding_mask(Sk, pads):
-    """[B, Sk]: row b has pads[b] leading zeros."""
-    m = torch.ones(len(pads), Sk, dtype=torch.long)
-    for b, p in enumerate(pads):
-        m[b, :p] = 0
-    return m
+    return _qkv(B, H, Hkv, Sq, Sk, d, seed=seed, scale=1.5, dtype=dtype)
 
 
 def upstream(q, attention_mask=None, causal=True, Sk=None, seed=1):
@@ -433,30 +381,6 @@ def test_attention_layer_grads_vs_llama_attention(block):
 
 # --------------------------------------------------------------------------------------------------------------
 # the memory proof for the backward, and the no-grad forward
-
-
-class TensorRecorder(TorchDispatchMode):
-    """Every tensor returned by any aten op while active: (op, shape)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[tuple[str, tuple[int, ...]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-
-        def rec(t):
-            if isinstance(t, torch.Tensor):
-                self.seen.append((str(func), tuple(t.shape)))
-            return t
-
-        tree_map(rec, out)
-        return out
-
-
-def quadratic(seen, S):
-    """Recorded tensors that are S x S or larger: >= S*S elements, or two dims of size >= S."""
-    return [(f, s) for f, s in seen if math.prod(s) >= S * S or sum(n >= S for n in s) >= 2]
 
 
 @pytest.mark.slow

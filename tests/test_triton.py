@@ -27,6 +27,8 @@ import sys
 
 import pytest
 import torch
+from attn_ref import SMALL, Worst, exact, maxerr, qkv
+from attn_ref import allowed_mask as allowed
 from conftest import ROOT, random_weights
 
 triton = pytest.importorskip("triton")
@@ -37,62 +39,14 @@ from impl import flash_triton as ft  # noqa: E402
 
 F32_TOL = 1e-5  # float32, outputs O(1): measured errors are ~1e-6 (printed with -s)
 
-WORST: dict[str, float] = {}
 
-
-def note(key: str, err: float) -> float:
-    WORST[key] = max(WORST.get(key, 0.0), float(err))
-    return float(err)
+WORST = Worst("test_triton")
+note = WORST.note
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _summary():
-    # torch's intra-op threads on a small shared machine make the references' tiny ops slow (see test_tiled)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    print("\n[test_triton] largest errors measured:")
-    for k in sorted(WORST):
-        print(f"  {k:50s} {WORST[k]:.3e}")
-
-
-def maxerr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Max abs of the full difference (float64); NaN anywhere -> inf."""
-    d = (a.double() - b.double()).abs()
-    return float("inf") if torch.isnan(d).any() else float(d.max()) if d.numel() else 0.0
-
-
-def qkv(B, H, Hkv, Sq, Sk, d, seed=0, scale=1.0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, Sq, d, generator=g) * scale
-    k = torch.randn(B, Hkv, Sk, d, generator=g) * scale
-    v = torch.randn(B, Hkv, Sk, d, generator=g)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
-
-
-def allowed(Sq, Sk, attention_mask=None, causal=True):
-    """(B|1, 1, Sq, Sk) bool, written independently of impl.masks."""
-    keep = torch.ones(Sq, Sk, dtype=torch.bool)
-    if causal:
-        keep = torch.arange(Sk)[None, :] <= torch.arange(Sq)[:, None] + (Sk - Sq)
-    keep = keep[None, None]
-    if attention_mask is not None:
-        keep = keep & attention_mask.bool()[:, None, None, :]
-    return keep
-
-
-def exact(q, k, v, attention_mask=None, causal=True):
-    """float64 attention with repeat_interleave GQA: (out, lse); zeros / -inf for rows that see no key."""
-    q, k, v = q.double(), k.double(), v.double()
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-    s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, Sq, Sk)
-    keep = allowed(q.shape[2], k.shape[2], attention_mask, causal)
-    s = s.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.where(keep, torch.exp(s - lse[..., None]), torch.zeros((), dtype=torch.float64))
-    return p @ v, lse
+    yield from WORST.single_threaded()
 
 
 def hf_eager(q, k, v, attention_mask=None, causal=True):
@@ -363,18 +317,7 @@ def llama_attention(config, weights, grad=False):
 
 
 def small_config(H, Hkv, d, D):
-    return {
-        "hidden_size": D,
-        "num_attention_heads": H,
-        "num_key_value_heads": Hkv,
-        "head_dim": d,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
-        "num_hidden_layers": 1,
-        "vocab_size": 100,
-        "intermediate_size": 64,
-    }
+    return {**SMALL, "hidden_size": D, "num_attention_heads": H, "num_key_value_heads": Hkv, "head_dim": d}
 
 
 @pytest.mark.parametrize("H,Hkv,d,D,S", [(4, 2, 32, 128, 70), (9, 3, 64, 576, 48)], ids=["small-gqa", "smollm2-shapes"])

@@ -317,7 +317,6 @@ def main(argv=None) -> int:
     from harness.e2e.model import DEFAULT_MODEL, load_model
     from harness.fixtures.validate import output_path
     from harness.verify.plugins import LAYOUTS, resolve
-    from harness.verify.worker import Fault
     from impl import CORES
 
     p = Parser(
@@ -363,17 +362,10 @@ def main(argv=None) -> int:
     impl.deadline = time.monotonic() + a.timeout
     if a.train:
         return train_main(a, model, impl, spec, contract, prompts, t0)
-    fault, results = None, []
-    try:
-        results = run_e2e(model, impl, core, prompts, a.tokens)
-    except Fault as e:
-        fault = e
-    finally:
-        impl.close()
+    results, fault = _guarded(impl, spec, lambda: run_e2e(model, impl, core, prompts, a.tokens))
+    results = results or []
     seconds = time.perf_counter() - t0
-    if fault is not None:
-        print(f"FAIL: stage {fault.stage}: {spec} {fault.message}")
-    else:
+    if fault is None:
         report(model, spec, results, a.tokens)
     passed = fault is None and all(r.passed for r in results)
     ok = sum(r.passed for r in results)
@@ -388,22 +380,27 @@ def main(argv=None) -> int:
     return 0 if passed else 1
 
 
+def _guarded(impl, spec: str, run):
+    """(run(), None), or (None, the fault) printed as the verdict's line; the worker closed either way."""
+    from harness.verify.worker import Fault
+
+    try:
+        return run(), None
+    except Fault as e:
+        print(f"FAIL: stage {e.stage}: {spec} {e.message}")
+        return None, e
+    finally:
+        impl.close()
+
+
 def train_main(a, model, impl, spec: str, contract: str, prompts: list[str], t0: float) -> int:
     """--train: the training check, its report and exit code."""
     from harness.e2e.train import run_train
-    from harness.verify.worker import Fault
 
     print(f"training {model.name} with {spec} in every layer: {len(prompts)} prompts, {a.steps} AdamW steps")
-    fault = result = None
-    try:
-        result = run_train(model, impl, prompts, steps=a.steps)
-    except Fault as e:
-        fault = e
-    finally:
-        impl.close()
+    result, fault = _guarded(impl, spec, lambda: run_train(model, impl, prompts, steps=a.steps))
     seconds = time.perf_counter() - t0
     if fault is not None:
-        print(f"FAIL: stage {fault.stage}: {spec} {fault.message}")
         passed = False
     else:
         name, worst = result.worst_grad

@@ -387,13 +387,18 @@ def _probes(config, w, runs, failing, call) -> Diagnosis | None:
     if call is None:
         return None
     for probe in (_causality, _padding, _head_mapping):
-        try:
-            found = probe(config, w, runs, failing, call)
-        except Exception:  # noqa: BLE001 - a probe the implementation cannot answer decides nothing
-            found = None
+        found = _ask(probe, config, w, runs, failing, call)
         if found is not None:
             return found
     return None
+
+
+def _ask(probe, *args) -> Diagnosis | None:
+    """A probe's answer; None when the implementation cannot answer it (that decides nothing)."""
+    try:
+        return probe(*args)
+    except Exception:  # noqa: BLE001 - whatever the implementation raises
+        return None
 
 
 def _noise(out: torch.Tensor) -> float:
@@ -489,10 +494,7 @@ def diagnose_precision(fixture, runs: dict[str, Run], imprecise: list[str], call
         if best is not None:
             return Diagnosis(best[0].stage, best[0].hint, best[0].name)
     if call is not None:
-        try:
-            found = _precision_probes(config, w, runs, imprecise, call)
-        except Exception:  # noqa: BLE001 - a probe the implementation cannot answer decides nothing
-            found = None
+        found = _ask(_precision_probes, config, w, runs, imprecise, call)
         if found is not None:
             return found
     return Diagnosis("unknown", "no single step explains the lost precision: " + ", ".join(sorted(imprecise)))
