@@ -136,6 +136,7 @@ def test_cli_json_and_table(tiny_dir, tmp_path, capsys):
     assert "PASS: 2/2 prompts" in text and "identical" in text
 
 
+@pytest.mark.slow
 def test_cli_broken_plugin_exit_1_with_texts(tiny_dir, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(SHORT_PROMPTS) + "\n\n")

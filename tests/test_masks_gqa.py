@@ -97,6 +97,7 @@ def test_fully_masked_rows_give_zeros_not_nan():
     assert p[0, 0, 0, 0] == 1
 
 
+@pytest.mark.slow
 def test_impl_never_imports_transformers():
     """Statically (no import statement mentions it) and dynamically (importing impl does not load it)."""
     for path in (ROOT / "impl").rglob("*.py"):
