@@ -10,7 +10,7 @@
 
 Tolerances (measured on SmolLM2-135M, float32: transformers' sdpa path against its eager path, the float32 noise of
 the same computation ordered differently): loss within LOSS_RTOL of the reference's, each parameter's gradient
-within GRAD_RTOL of that gradient's largest magnitude. docs/e2e.md has the measured noise.
+within GRAD_RTOL of that gradient's largest magnitude. docs/grad.md has the measured noise.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from harness.fixtures.validate import output_dir, output_path
 from harness.verify import grads, kernels, report
 from harness.verify.compare import Comparison, compare, not_run, within
 from harness.verify.diagnose import Run, diagnose, diagnose_precision
-from harness.verify.plugins import CONTRACTS, LAYOUTS, Builtin, Impl, resolve
+from harness.verify.plugins import CONTRACTS, GRAD_OF, LAYOUTS, Builtin, Impl, resolve
 from harness.verify.reference import Reference, Reference64
 from harness.verify.scenarios import BY_NAME, Scenario, select
 from harness.verify.worker import Fault
@@ -291,7 +291,7 @@ def layer_grads(f: Fixture, impl: Impl, names: list[str], cache: dict, rows: lis
         x, pos, mask, g = run.inputs
         w = {k: v.double() for k, v in f.weights.items()}
         out = worker_layer_grads(bug.layer(), "layer", f.config, w, x.double(), pos, mask, g.double())
-        return dict(zip(("x", "q_proj", "k_proj", "v_proj", "o_proj"), out, strict=True))
+        return dict(zip(GRAD_OF, out, strict=True))
 
     d = grads.diagnose_grads(runs, failing, "layer", f.config, suspect)
     return _precision(rows, Verdict(f.name, impl.spec, impl.contract, False, d.stage, d.hint, d.matched,
