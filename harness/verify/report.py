@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from harness import versions
+
 REFERENCE_CHECKS = ("hf-sdpa", "golden")
 
 
@@ -48,6 +50,9 @@ def reference_lines(rows) -> list[str]:
 
 
 def print_report(rows, verdicts, seconds: float, n_fixtures: int, n_impls: int, out=print, strict=False) -> None:
+    line = versions.note()  # the reference is not the one the project's verdicts were made with: say so, once
+    if line:
+        out(line)
     out(table(rows))
     for line in verdict_lines(verdicts, strict) + reference_lines(rows):
         out(line)
@@ -110,4 +115,5 @@ def document(rows, verdicts, seconds: float, strict: bool = False) -> dict:
                     "strict": strict, "seconds": round(seconds, 3)},
         "results": [r.json() for r in rows],
         "verdicts": [v.json() for v in verdicts],
+        "versions": versions.both(),
     }

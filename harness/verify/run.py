@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from harness import versions
 from harness.common import Parser, UserError, compared_rows, resolve_device, update_generated, write_json
 from harness.fixtures.format import Fixture, list_fixtures, load_fixture
 from harness.fixtures.validate import output_dir, output_path
@@ -163,10 +164,8 @@ def reference_checks(f: Fixture, scenarios: list[Scenario], cache, device="cpu")
     if f.inputs is not None:
         r = reference(f, BY_NAME["prompt"], cache, device)
         c = compare(f.inputs["golden"], r.ref, r.ref64, r.keep, torch.float32)
-        import transformers
-
         made_with = (f.manifest.get("versions") or {}).get("transformers")
-        if not c.passed and made_with == transformers.__version__:
+        if not c.passed and made_with == versions.installed(("transformers",))["transformers"]:
             # the same transformers gave another output at extraction: the fixture changed, not transformers
             raise UserError(f"{f.path}: the golden output stored at extraction disagrees with transformers "
                             f"{made_with}, the version that wrote it (max abs {c.max_abs_err:.2e}): the weights or "
