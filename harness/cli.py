@@ -23,8 +23,8 @@ from harness.common import Parser, run_cli
 COMMANDS = {
     "verify": "harness.verify.run",
     "list": "harness.verify.listing",
-    "fixture": "harness.fixtures.format",
-    "extract": "harness.fixtures.extract",
+    "fixture": "harness.checkpoints.format",
+    "extract": "harness.checkpoints.extract",
     "e2e": "harness.e2e.run",
     "plot": "harness.e2e.plot",
     "mutants": "harness.bugs.mutants",

@@ -3,12 +3,12 @@
 
     python scripts/extract.py --source SRC [--layer N] [--out DIR] [--prompt TEXT] [--force]
 
-The same program as `attention-verify extract` (harness/fixtures/extract.py); `make setup` installs the package.
+The same program as `attention-verify extract` (harness/checkpoints/extract.py); `make setup` installs the package.
 """
 
 import sys
 
-from harness.fixtures.extract import cli
+from harness.checkpoints.extract import cli
 
 if __name__ == "__main__":
     sys.exit(cli())

@@ -36,7 +36,7 @@ def random_weights(config, seed=0):
     }
 
 
-IN_PROCESS = {("-m", "harness"): "harness.cli:main", ("scripts/extract.py",): "harness.fixtures.extract:main",
+IN_PROCESS = {("-m", "harness"): "harness.cli:main", ("scripts/extract.py",): "harness.checkpoints.extract:main",
               ("scripts/bench.py",): "harness.bench.report:main"}  # fmt: skip
 
 

@@ -28,9 +28,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from harness.checkpoints import format as fx
+from harness.checkpoints.extract import extract
 from harness.common import UserError
-from harness.fixtures import format as fx
-from harness.fixtures.extract import extract
 from harness.versions import installed
 
 SMALL_CONFIG = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -323,7 +323,7 @@ def test_a_golden_from_another_transformers_that_disagrees_is_drift(tmp_path):
 # crash safety
 
 
-# every point of the writer (harness.fixtures.format.hook): the lock taken, the temporary folder made, the weights
+# every point of the writer (harness.checkpoints.format.hook): the lock taken, the temporary folder made, the weights
 # written, just before the atomic exchange, just after it, after the old copy is removed
 KILL_POINTS = ["locked", "tmp_created", "wrote:attn_layer_0.safetensors", "before_publish", "after_publish",
                "cleaned"]  # fmt: skip

@@ -16,7 +16,7 @@ import torch
 from conftest import one_line_error, run
 
 from harness.bugs.catalog import CATALOG, pick
-from harness.fixtures.extract import extract
+from harness.checkpoints.extract import extract
 from harness.verify import kernels
 from harness.verify.plugins import resolve
 from harness.verify.run import DTYPES, builtin, resolve_fixtures, verify

@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from harness.fixtures.format import load_fixture
-from harness.verify.reference import Reference, Reference64
+from harness.checkpoints.format import load_fixture
+from harness.reference import Reference, Reference64
 from impl import CORES, IMPLEMENTATIONS, INTERPRETED_ON_CPU, decode
 from impl.projection import project_qkv
 

@@ -264,7 +264,7 @@ def test_smollm2_builtins_reproduce_hf(smol, name):
 def test_smollm2_cache_matches_the_committed_fixture(smol):
     """Two independent dequantizations agree: transformers' GGUF loading (the cached model) and the gguf library's
     (with our q/k un-permutation) that made fixtures/smollm2-135m: the four weights and the layer's input."""
-    from harness.fixtures.format import WEIGHT_NAMES, load_fixture
+    from harness.checkpoints.format import WEIGHT_NAMES, load_fixture
 
     f = load_fixture("smollm2-135m")
     attn = smol.layers[f.layer].self_attn

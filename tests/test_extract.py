@@ -10,10 +10,10 @@ import torch
 from conftest import FIXTURES, SMALL, one_line_error, run
 from safetensors.torch import load_file
 
+from harness.checkpoints import format as fx
+from harness.checkpoints.extract import extract
 from harness.common import UserError
-from harness.fixtures import format as fx
-from harness.fixtures.extract import extract
-from harness.verify.reference import additive_mask, hf_config
+from harness.reference import additive_mask, hf_config
 
 QUIET = {"log": lambda *_: None}
 
@@ -29,7 +29,7 @@ def hf_model_layer_input(hf_dir, ids, layer):
     """The layer's self_attn input as transformers' whole LlamaModel computes it (an independent path)."""
     from transformers import LlamaModel
 
-    from harness.fixtures.sources.local import read_config
+    from harness.checkpoints.sources.local import read_config
 
     cfg = hf_config(read_config(hf_dir / "config.json"))
     model = LlamaModel.from_pretrained(hf_dir, config=cfg, dtype=torch.float32)
@@ -157,7 +157,7 @@ def test_meta_config_that_disagrees(tmp_path, small_hf_dir):
 def test_golden_uses_an_explicit_causal_mask(tmp_path, small_hf_dir):
     """Golden must be causal: changing a later token must not change earlier outputs."""
     f = fx.load_fixture(extract(str(small_hf_dir), out=tmp_path / "fx", **QUIET))
-    from harness.fixtures.extract import hf_self_attn
+    from harness.checkpoints.extract import hf_self_attn
 
     h = f.inputs["hidden_states"].clone()
     h[:, -1] += 1.0

@@ -10,9 +10,9 @@ import torch
 from conftest import FIXTURES, SMALL, one_line_error, run
 from safetensors.torch import load_file, save_file
 
+from harness.checkpoints import format as fx
+from harness.checkpoints.extract import extract, hf_self_attn
 from harness.common import UserError
-from harness.fixtures import format as fx
-from harness.fixtures.extract import extract, hf_self_attn
 
 
 def _copy(name: str, tmp_path):
@@ -48,7 +48,7 @@ def test_golden_is_hf_self_attn_today():
 
 def test_inv_freq_is_transformers_llama3():
     cfg = json.loads((FIXTURES / "llama-3.2-1b" / "config.json").read_text())
-    from harness.fixtures.sources.base import normalize_config
+    from harness.checkpoints.sources.base import normalize_config
 
     inv = fx.reference_inv_freq(normalize_config(cfg))
     base = 1.0 / (500000.0 ** (torch.arange(0, 64, 2, dtype=torch.float) / 64))

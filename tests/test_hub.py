@@ -9,8 +9,8 @@ import pytest
 from conftest import one_line_error
 from hubmock import MockHub
 
-from harness.fixtures import format as fx
-from harness.fixtures.extract import cli, extract
+from harness.checkpoints import format as fx
+from harness.checkpoints.extract import cli, extract
 
 REPO = "meta-llama/Llama-3.2-1B"
 QUIET = {"log": lambda *_: None}
@@ -28,7 +28,7 @@ def llama_dir(tmp_path_factory):
 
 @pytest.fixture
 def hub(hf_env, llama_dir, monkeypatch):
-    from harness.fixtures.sources import hub as source
+    from harness.checkpoints.sources import hub as source
 
     monkeypatch.setattr(source, "BACKOFF_S", 0.0)  # retries without waits: the mock answers at once
     with MockHub({REPO: llama_dir}, gated={REPO}, lfs_redirect=True) as h:

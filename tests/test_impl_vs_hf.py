@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import random_weights
 
-from harness.fixtures.format import load_fixture
-from harness.verify.reference import Reference
+from harness.checkpoints.format import load_fixture
+from harness.reference import Reference
 from impl import IMPLEMENTATIONS, INTERPRETED_ON_CPU
 from impl.naive import attention as naive_attention
 

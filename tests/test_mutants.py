@@ -17,8 +17,8 @@ import harness.verify.diagnose
 from harness.bugs import catalog, pipeline
 from harness.bugs.catalog import BY_NAME, CATALOG, STAGES
 from harness.bugs.mutants import run_mutants
+from harness.reference import Reference64
 from harness.verify import scenarios
-from harness.verify.reference import Reference64
 from harness.verify.run import DTYPES, resolve_fixtures, verify
 
 # The bugs the catalog must cover (issue 7), by mutant name.

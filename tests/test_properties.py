@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness.verify.reference import Reference
+from harness.reference import Reference
 from impl import IMPLEMENTATIONS, INTERPRETED_ON_CPU, naive, tiled
 
 TOL = 1e-4

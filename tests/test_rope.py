@@ -11,7 +11,7 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from harness.fixtures.sources.base import normalize_config
+from harness.checkpoints.sources.base import normalize_config
 from impl import rope
 from impl.projection import rope_tables
 
@@ -144,7 +144,7 @@ def test_application_equals_apply_rotary_pos_emb(name):
 
 def test_interleaved_on_meta_rows_equals_half_split_on_hf_rows():
     """Same scores: Meta-ordered weights with interleaved RoPE == HF-ordered weights with half-split RoPE."""
-    from harness.fixtures.sources.base import interleaved_to_half_split
+    from harness.checkpoints.sources.base import interleaved_to_half_split
 
     g = torch.Generator().manual_seed(1)
     H, d, D, S = 4, 64, 128, 48

@@ -20,8 +20,8 @@ from attn_ref import SMALL, TensorRecorder, Worst, allowed_mask, exact, left_pad
 from conftest import random_weights
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from harness.fixtures.format import load_fixture
-from harness.verify.reference import Reference
+from harness.checkpoints.format import load_fixture
+from harness.reference import Reference
 from impl import naive, tiled
 
 F32_TOL = 1e-5  # tiled vs naive / float64 in float32, outputs O(1)

@@ -14,8 +14,8 @@ from harness.bench import cases
 from harness.bench.cases import BACKWARD, BACKWARD_ROWS, CORE, INTERPRETED, LAYER, io_model, llama_config, shape_of
 from harness.bench.meter import human
 from harness.bench.run import MAX_INTERPRETED_S, QUICK_SEQS, TIME_INTERPRETED, Options, Row, run
+from harness.checkpoints.validate import output_path
 from harness.common import DOCS, Parser, UserError, resolve_device, run_cli, update_generated, write_atomic, write_json
-from harness.fixtures.validate import output_path
 
 DOCS_JSON, DOCS_PNG, DOCS_MD = DOCS / "bench.json", DOCS / "bench.png", DOCS / "bench.md"
 TRAFFIC_PLOTTED = ("naive", "tiled", "triton", "sdpa")  # beside the IO model; every row's traffic is in the JSON

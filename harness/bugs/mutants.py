@@ -138,8 +138,8 @@ def markdown(results: list[Result], seconds: float, fixtures: list[str]) -> str:
 
 
 def main(argv=None) -> int:
+    from harness.checkpoints.validate import output_path
     from harness.common import Parser, UserError, update_generated, write_json
-    from harness.fixtures.validate import output_path
     from harness.verify.run import resolve_fixtures
 
     p = Parser(prog="attention-verify mutants", description="Score the harness on the catalog of attention bugs.")

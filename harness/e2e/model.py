@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
+from harness.checkpoints.sources.base import normalize_config
 from harness.common import UserError
-from harness.fixtures.sources.base import normalize_config
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -92,7 +92,7 @@ def _smollm2_cached(log) -> Path:
     """The dequantized SmolLM2 directory in the cache, made on first use."""
     import transformers
 
-    from harness.fixtures.sources.gguf_file import smollm2_path
+    from harness.checkpoints.sources.gguf_file import smollm2_path
 
     gguf = smollm2_path()
     key = f"smollm2-135m-{gguf.stat().st_size}-transformers-{transformers.__version__}"
@@ -140,8 +140,8 @@ def _hub_snapshot(spec: str) -> Path:
     and the tokenizer files. File by file with hf_hub_download, so every file is pinned to one commit."""
     from huggingface_hub.utils import logging as hf_logging
 
-    from harness.fixtures.sources.base import TOKENIZER_FILES
-    from harness.fixtures.sources.hub import download
+    from harness.checkpoints.sources.base import TOKENIZER_FILES
+    from harness.checkpoints.sources.hub import download
 
     repo, _, revision = spec.partition("@")
     if not repo or repo.count("/") != 1:

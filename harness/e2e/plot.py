@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from harness.checkpoints.format import WEIGHT_NAMES
+from harness.checkpoints.validate import output_path
 from harness.common import DOCS, ROOT, Parser, UserError, write_atomic
-from harness.fixtures.format import WEIGHT_NAMES
-from harness.fixtures.validate import output_path
 
 DEFAULT_OUT = DOCS / "attention.png"
 DEFAULT_PROMPT = "The Eiffel Tower is in Paris, and the Colosseum is in Rome."

@@ -314,8 +314,8 @@ def report(model, impl: str, results: list[PromptResult], n: int, log=print) -> 
 
 
 def main(argv=None) -> int:
+    from harness.checkpoints.validate import output_path
     from harness.e2e.model import DEFAULT_MODEL, load_model
-    from harness.fixtures.validate import output_path
     from harness.verify.plugins import LAYOUTS, resolve
     from impl import CORES
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from harness.fixtures.format import WEIGHT_NAMES
+from harness.checkpoints.format import WEIGHT_NAMES
 from harness.verify.plugins import Builtin, Impl
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from harness.fixtures.format import WEIGHT_NAMES
+from harness.checkpoints.format import WEIGHT_NAMES
 from harness.verify.plugins import Impl
 
 LOSS_RTOL = 1e-5  # of the loss

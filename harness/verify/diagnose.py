@@ -128,7 +128,7 @@ def _stagewise(config, w, fn, runs) -> Diagnosis | None:
         return None
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from harness.verify.reference import Reference, additive_mask
+    from harness.reference import Reference, additive_mask
 
     r = runs["short"]
     x, pos, mask = r.x.float(), r.pos, r.mask
@@ -502,8 +502,8 @@ def diagnose_precision(fixture, runs: dict[str, Run], imprecise: list[str], call
 
 def precision_ratio(config, w, call, x, pos) -> float:
     """The implementation's distance from float64 over transformers' own, on these inputs (no padding)."""
+    from harness.reference import Reference, Reference64
     from harness.verify.compare import rounding_floor
-    from harness.verify.reference import Reference, Reference64
 
     out = call(x, w, pos, None).double()
     ref64 = Reference64(config, w)(x, pos)

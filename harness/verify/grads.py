@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from harness.bugs import catalog
+from harness.reference import additive_mask, float64_tables, hf_config
 from harness.verify.compare import Comparison, compare
 from harness.verify.diagnose import Diagnosis, _rms
-from harness.verify.reference import additive_mask, float64_tables, hf_config
 
 GRAD_TOL = 1e-3  # of the gradient's own scale (max |HF gradient|)
 LAYER_QUICK = ("short", "left_padding", "sparse_positions", "bfloat16")

@@ -8,7 +8,7 @@ from harness.common import Parser, UserError, one_line
 
 
 def main(argv=None) -> int:
-    from harness.fixtures.format import list_fixtures, load_fixture
+    from harness.checkpoints.format import list_fixtures, load_fixture
     from harness.verify.scenarios import SCENARIOS
     from impl import IMPLEMENTATIONS
 

@@ -138,7 +138,7 @@ class Impl:
 
     def _weights(self, weights: dict) -> dict:
         if self.layout == "meta":  # q/k rows in Meta's interleaved RoPE order, as its checkpoints store them
-            from harness.fixtures.sources.base import half_split_to_interleaved
+            from harness.checkpoints.sources.base import half_split_to_interleaved
 
             H = self._config["num_attention_heads"]
             Hkv = self._config["num_key_value_heads"]
@@ -279,7 +279,7 @@ class Isolated(Impl):
         wrt = {"x": x, **{n: weights[n] for n in GRAD_OF[1:]}}
         grads = check_grads(reply["results"], items, wrt, self.contract, self.device)
         if self.layout == "meta":  # its q/k rows were in Meta's order: their gradients come back in it
-            from harness.fixtures.sources.base import interleaved_to_half_split
+            from harness.checkpoints.sources.base import interleaved_to_half_split
 
             for name, n in (("q_proj", config["num_attention_heads"]), ("k_proj", config["num_key_value_heads"])):
                 if name in grads:

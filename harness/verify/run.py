@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 
 from harness import versions
+from harness.checkpoints.format import Fixture, list_fixtures, load_fixture
+from harness.checkpoints.validate import output_dir, output_path
 from harness.common import Parser, UserError, compared_rows, resolve_device, update_generated, write_json
-from harness.fixtures.format import Fixture, list_fixtures, load_fixture
-from harness.fixtures.validate import output_dir, output_path
+from harness.reference import Reference, Reference64
 from harness.verify import grads, kernels, report
 from harness.verify.compare import Comparison, compare, not_run, within
 from harness.verify.diagnose import Run, diagnose, diagnose_precision
 from harness.verify.plugins import CONTRACTS, GRAD_OF, LAYOUTS, Builtin, Impl, resolve
-from harness.verify.reference import Reference, Reference64
 from harness.verify.scenarios import BY_NAME, Scenario, select
 from harness.verify.worker import Fault
 from harness.verify.worker import core_grads as worker_core_grads

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.fixtures.format import Fixture
+from harness.checkpoints.format import Fixture
 
 
 @dataclass(frozen=True)
