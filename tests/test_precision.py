@@ -69,7 +69,7 @@ def test_builtins_and_transformers_sdpa_are_never_imprecise(refs):
 
 def test_a_half_precision_kernel_is_named_by_its_step():
     from harness.bugs import pipeline
-    from harness.verify.diagnose import precision_steps
+    from harness.verify.diagnosis.suspects import precision_steps
 
     steps = dict((n, s) for n, _, _, s in precision_steps())["precision:softmax_float16"]
     impl = builtin("softmax_fp16_kernel", pipeline.core(**steps), "core")

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from harness.checkpoints.format import WEIGHT_NAMES
+from harness.verify.contracts.layer import forward as layer_forward
 from harness.verify.plugins import Builtin, Impl
 
 
@@ -37,7 +38,7 @@ class Swapped(nn.Module):
             x = torch.cat((self.xs, x), dim=1)  # (B, T + S_new, D)
             pos = torch.cat((self.pos, pos), dim=1)  # (B, T + S_new)
         self.xs, self.pos = x, pos
-        out = run.impl.layer(f"layer{self.layer}", run.config, self.weights, x, pos, run.mask)
+        out = layer_forward(run.impl, f"layer{self.layer}", run.config, self.weights, x, pos, run.mask)
         return out[:, -hidden_states.shape[1] :], None  # (B, S_new, D): the new rows only
 
 

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from harness.checkpoints.format import WEIGHT_NAMES
+from harness.verify.contracts.layer import forward as layer_forward
+from harness.verify.contracts.layer_grad import layer_grad
 from harness.verify.plugins import Impl
 
 LOSS_RTOL = 1e-5  # of the loss
@@ -40,13 +42,13 @@ class _Through(torch.autograd.Function):
         w = {k: v.detach() for k, v in w.items()}
         ctx.save_for_backward(x, wq, wk, wv, wo)
         ctx.impl, ctx.key, ctx.config, ctx.pos, ctx.mask = impl, key, config, pos, mask
-        return impl.layer(key, config, w, x.detach(), pos, mask)
+        return layer_forward(impl, key, config, w, x.detach(), pos, mask)
 
     @staticmethod
     def backward(ctx, gout):
         x, *ws = ctx.saved_tensors
         w = {k: v.detach() for k, v in zip(WEIGHT_NAMES, ws, strict=True)}
-        grads = ctx.impl.layer_grad(ctx.key, ctx.config, w, x.detach(), ctx.pos, ctx.mask, gout.contiguous())
+        grads = layer_grad(ctx.impl, ctx.key, ctx.config, w, x.detach(), ctx.pos, ctx.mask, gout.contiguous())
         return (grads["x"], *(grads.get(n) for n in WEIGHT_NAMES), None, None, None, None, None)
 
 

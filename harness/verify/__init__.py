@@ -1,9 +1,13 @@
-"""`verify`: does an implementation match transformers' LlamaAttention? The pipeline, in the order it runs:
+"""`verify`: does an implementation match transformers' attention? In the order it runs:
 
-    scenarios.py  identical, seeded inputs for every implementation (lengths, padding, positions, dtypes)
-    reference.py  transformers' LlamaAttention on them, in the scenario's dtype and in float64
-    run.py        each implementation on the same inputs; the rows and verdicts
-    compare.py    the tolerance policy: 1e-3 in float32, the FlashAttention rule in half precision
-    diagnose.py   for a failing implementation, the first broken stage and a hint
-    report.py     the table, the verdict lines, the JSON
+    run.py          the command line; verify(): fixtures and implementations -> the loop
+    loop.py         the one check loop: (contract, target, implementation) -> rows -> verdict; faults, timing
+    contracts/      one module per contract (layer, module, core, and their gradients): cases, reference, call,
+                    comparison, diagnosis hooks
+    scenarios.py    a layer's seeded inputs (lengths, padding, positions, dtypes); kernels.py the kernel matrix
+    grads.py        transformers' gradients through autograd and the gradient rule
+    compare.py      the tolerance policy: 1e-3 in float32, the FlashAttention rule in half precision
+    diagnosis/      for a failing implementation, the first broken stage and a hint
+    plugins.py  specs.py  worker.py     the implementations under test and the process boundary
+    records.py  report.py  plot.py  listing.py     rows and verdicts; the table, the JSON, the pictures, `list`
 """

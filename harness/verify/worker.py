@@ -17,6 +17,8 @@ cannot corrupt the channel); its stderr goes to a file whose tail is shown when 
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 import select
@@ -28,10 +30,14 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from harness.common import ROOT, UserError
+from harness.verify.specs import import_spec
 
 MAX_HEADER = 1 << 24  # bytes of JSON a message may carry
 
@@ -109,48 +115,13 @@ def results(value) -> tuple[list[dict], dict[str, torch.Tensor]]:
     return descs, tensors
 
 
-WEIGHT_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def layer_grads(obj, contract: str, config: dict, w: dict, x, pos, mask, g) -> list:
-    """Gradients of sum(out * g) w.r.t. x and the four weights (None where nothing flows back), for a layer or a
-    module (built here, from weights that require grad, so a module that uses them directly gives their
-    gradients)."""
-    x = x.detach().clone().requires_grad_(True)
-    w = {k: v.detach().clone().requires_grad_(True) for k, v in w.items()}
-    with torch.enable_grad():
-        if contract == "module":
-            out = obj(config, w)(x, pos, attention_mask=mask)
-        else:
-            out = obj(x, w, config=config, position_ids=pos, attention_mask=mask)
-        if not isinstance(out, torch.Tensor) or out.shape != g.shape:
-            return [out]  # described and refused by the caller, like a forward output
-        wanted = [x] + [w[n] for n in WEIGHT_NAMES]
-        grads = torch.autograd.grad((out * g.to(out.dtype)).sum(), wanted, allow_unused=True)
-    return list(grads)
-
-
-def core_grads(obj, q, k, v, causal, scale, mask, g) -> list:
-    """Gradients of sum(out * g) w.r.t. q, k and v."""
-    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    with torch.enable_grad():
-        value = obj(q, k, v, causal=causal, scale=scale, attention_mask=mask)
-        out = value[0] if isinstance(value, tuple) else value
-        if not isinstance(out, torch.Tensor) or out.shape != g.shape:
-            return [out]
-        grads = torch.autograd.grad((out * g.to(out.dtype)).sum(), [q, k, v], allow_unused=True)
-    return list(grads)
-
-
 def serve(spec: str, contract: str) -> None:
-    """The worker's main loop. Exits when the parent closes the channel."""
+    """The worker's main loop. Exits when the parent closes the channel. Each call names the contract module whose
+    `serve(code, header, tensors, state)` runs the code: this loop knows no contract."""
     proto_out = os.dup(1)
     os.dup2(2, 1)  # user code that prints writes to stderr, never into the channel
     proto_in = 0
     sys.stdin = open(os.devnull)  # noqa: SIM115 - the channel is fd 0; user code reading stdin gets nothing
-    from harness.common import UserError
-    from harness.verify.plugins import import_spec
-
     try:
         obj = import_spec(spec, {}, what=contract)
     except UserError as e:
@@ -160,16 +131,15 @@ def serve(spec: str, contract: str) -> None:
         write_message(proto_out, {"ok": False, "error": error(e)})
         return
     write_message(proto_out, {"ok": True})
-    weights: dict[str, dict[str, torch.Tensor]] = {}  # key -> pristine weights, copied for every call
-    configs: dict[str, dict] = {}
-    modules: dict[str, object] = {}
+    # key -> pristine weights (copied for every call), their config, what a module contract built from them
+    state: dict[str, dict] = {"weights": {}, "configs": {}, "modules": {}}
     while True:
         try:
             header, tensors = read_message(proto_in)
         except Closed:
             return
         try:
-            reply, out = handle(obj, contract, header, tensors, weights, configs, modules)
+            reply, out = handle(obj, header, tensors, state)
         except Exception as e:  # noqa: BLE001 - the implementation raised: a verdict, not a crash of the worker
             reply, out = {"ok": False, "error": error(e)}, None
         write_message(proto_out, reply, out)
@@ -179,43 +149,17 @@ def error(e: BaseException) -> dict:
     return {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()}
 
 
-def handle(obj, contract, header, t, weights, configs, modules):
-    op = header["op"]
+def handle(obj, header: dict, t: dict, state: dict):
     dev = torch.device(header.get("device", "cpu"))
-    if op == "weights":  # pristine copies, kept for the calls that name this key
-        weights[header["key"]] = {k: v.to(dev) for k, v in t.items()}
-        configs[header["key"]] = header["config"]
-        modules.pop(header["key"], None)
+    t = {k: v.to(dev) for k, v in t.items()}
+    if header["op"] == "weights":  # pristine copies, kept for the calls that name this key
+        key = header["key"]
+        state["weights"][key], state["configs"][key] = t, header["config"]
+        state["modules"].pop(key, None)
         return {"ok": True}, None
-    if op == "layer":
-        key = header["key"]
-        w, config = {k: v.clone() for k, v in weights[key].items()}, json.loads(json.dumps(configs[key]))
-        x, pos = t["x"].to(dev), t["position_ids"].to(dev)
-        mask = t["attention_mask"].to(dev) if "attention_mask" in t else None
-        with torch.no_grad():
-            if contract == "module":
-                if key not in modules:
-                    modules[key] = obj(config, w)  # build(config, weights) once per fixture and dtype
-                value = modules[key](x, pos, attention_mask=mask)
-            else:
-                value = obj(x, w, config=config, position_ids=pos, attention_mask=mask)
-    elif op == "layer_grad":
-        key = header["key"]
-        config = json.loads(json.dumps(configs[key]))
-        mask = t["attention_mask"].to(dev) if "attention_mask" in t else None
-        value = tuple(layer_grads(obj, contract, config, weights[key], t["x"].to(dev), t["position_ids"].to(dev),
-                                  mask, t["g"].to(dev)))  # fmt: skip
-    elif op == "core_grad":
-        mask = t["attention_mask"].to(dev) if "attention_mask" in t else None
-        q, k, v, g = (t[n].to(dev) for n in ("q", "k", "v", "g"))
-        value = tuple(core_grads(obj, q, k, v, header["causal"], header["scale"], mask, g))
-    elif op == "core":
-        q, k, v = (t[n].to(dev) for n in ("q", "k", "v"))
-        mask = t["attention_mask"].to(dev) if "attention_mask" in t else None
-        with torch.no_grad():
-            value = obj(q, k, v, causal=header["causal"], scale=header["scale"], attention_mask=mask)
-    else:
-        raise ValueError(f"unknown op {op!r}")
+    if header["op"] != "call":
+        raise ValueError(f"unknown op {header['op']!r}")
+    value = importlib.import_module(header["contract"]).serve(obj, header, t, state)
     descs, out = results(value)
     return {"ok": True, "results": descs}, out
 
@@ -240,8 +184,9 @@ class Worker:
     """One implementation's worker process. `call` raises Fault when the worker dies or runs out of time; after
     that the worker is gone and the next call starts a new one."""
 
-    def __init__(self, spec: str, contract: str, device: str = "cpu"):
+    def __init__(self, spec: str, contract: str, device: str = "cpu", contract_module: str = ""):
         self.spec, self.contract, self.device = spec, contract, device
+        self.contract_module = contract_module  # the module whose serve() runs the code, imported in the worker
         self.proc = None
         self.ready = False  # launched and answered: its code imported
         self.sent: set[str] = set()  # weight keys the current worker holds
@@ -249,13 +194,12 @@ class Worker:
     def launch(self) -> None:
         """Start the process without waiting for it: the workers of several implementations import torch and the
         user's code side by side. `start` (or the first call) waits for its answer."""
-        from harness.common import ROOT
-
         if self.proc is not None:
             return
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - the worker's stderr, read when it dies
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.getcwd(), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        path = [str(ROOT), os.getcwd(), *import_root(self.contract_module), env.get("PYTHONPATH", "")]
+        env["PYTHONPATH"] = os.pathsep.join(path).rstrip(os.pathsep)
         env["PYTHONUNBUFFERED"] = "1"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "harness.verify.worker", self.spec, self.contract],
@@ -265,8 +209,6 @@ class Worker:
         self.ready = False
 
     def start(self, deadline: float | None) -> None:
-        from harness.common import UserError
-
         self.launch()
         header, _ = self._receive(deadline, "starting (importing the code)")
         if not header.get("ok"):
@@ -339,6 +281,15 @@ class Worker:
             except OSError:
                 pass
         self.proc, self.ready = None, False
+
+
+def import_root(module: str) -> list[str]:
+    """The folder that makes `module` importable by its name, when it is not the harness's own (a contract
+    registered from elsewhere, e.g. a test file): the worker imports the contract by name."""
+    spec = importlib.util.find_spec(module) if module else None
+    if spec is None or not spec.origin or module.startswith("harness."):
+        return []
+    return [str(Path(spec.origin).parents[len(module.split("."))  - 1])]
 
 
 def _exit_words(code: int) -> str:

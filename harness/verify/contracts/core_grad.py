@@ -1,0 +1,104 @@
+"""The gradients of a kernel (`--grad`), run after its forward passes: gradients of sum(out * g) w.r.t. q, k and v
+on the kernel matrix, against eager_attention_forward and sdpa_attention_forward in float64 through autograd
+(verify/grads.py: the references and the rule), diagnosed by diagnosis/grad.py."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from harness.verify import grads, kernels
+from harness.verify.compare import not_run as no_output
+from harness.verify.contracts import core
+from harness.verify.contracts.layer_grad import check_grads
+from harness.verify.diagnosis.grad import diagnose_grads
+
+NAME = "core_grad"
+OPTION = None
+HELP = "the gradients of a kernel"
+GRAD = None
+FAULT_CHECK = "grad"
+THIS = sys.modules[__name__]  # the contract whose serve() computes the gradients
+
+
+def builtins() -> dict:
+    return core.builtins()
+
+
+def targets(fixtures):
+    return core.targets(fixtures)
+
+
+def cases(target, ctx, impl, forward: list | None = None) -> list:
+    names = grads.KERNEL_QUICK if ctx.quick else grads.KERNEL_FULL
+    return [s for s in (forward if forward is not None else core.cases(target, ctx, impl)) if s.name in names]
+
+
+def reference(target, s, ctx, device="cpu"):
+    """(the forward case, g, transformers' gradients eager, in float64, sdpa), once per scenario."""
+    c = core.reference(target, s, ctx, device)
+    g = grads.seeded_g(c.ref.shape, c.keep[:, None, :], s.dtype)
+    kc, key = ctx.cache[core.KERNELS.name], (s.name, "grad")
+    if key not in kc:
+        mask4 = kernels.allowed(s, c.mask).expand(c.q.shape[0], 1, s.Sq, s.Sk)
+        scale = s.d**-0.5 if s.scale is None else s.scale
+        kc[key] = (grads.hf_kernel_grads(c.q, c.k, c.v, mask4, g, scale, s.dtype),
+                   grads.hf_kernel_grads(c.q, c.k, c.v, mask4, g, scale, s.dtype, float64=True),
+                   grads.hf_kernel_grads(c.q, c.k, c.v, mask4, g, scale, s.dtype, path="sdpa"))
+    return (c, g, *kc[key])
+
+
+def gradients(code, q, k, v, causal, scale, mask, g) -> list:
+    """Gradients of sum(out * g) w.r.t. q, k and v, where the code runs; also on the catalog's bugs."""
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    with torch.enable_grad():
+        value = code(q, k, v, causal=causal, scale=scale, attention_mask=mask)
+        out = value[0] if isinstance(value, tuple) else value
+        if not isinstance(out, torch.Tensor) or out.shape != g.shape:
+            return [out]
+        return list(torch.autograd.grad((out * g.to(out.dtype)).sum(), [q, k, v], allow_unused=True))
+
+
+def serve(code, header: dict, t: dict, state: dict):
+    return tuple(gradients(code, t["q"], t["k"], t["v"], header["causal"], header["scale"], t.get("attention_mask"),
+                           t["g"]))  # fmt: skip
+
+
+def call(impl, target, s, ref) -> dict:
+    c, g = ref[0], ref[1]
+    t = {"q": c.q, "k": c.k, "v": c.v, "g": g} | ({} if c.mask is None else {"attention_mask": c.mask})
+    descs, items = impl.call(THIS, {"causal": s.causal, "scale": s.scale}, t, "computing gradients")
+    return check_grads(descs, items, {"q": c.q, "k": c.k, "v": c.v}, "core", impl.device)
+
+
+def not_run(s, ref):
+    return no_output(ref[0].ref, s.dtype)
+
+
+def run_of(s, ref, got) -> grads.GradRun:
+    c, g, eager, ref64, sdpa = ref
+    return grads.GradRun(got, eager, ref64, s.dtype, sdpa, None, (c.q, c.k, c.v, s, c.mask, g))
+
+
+def compare(target, s, ref, got: dict) -> list:
+    run = run_of(s, ref, got)
+    return [(f"grad_{n}", grads.compare_grad(n, run)) for n in got]
+
+
+def evidence(target, s, ref, got: dict) -> grads.GradRun:
+    return run_of(s, ref, got)
+
+
+def failing_names(failed: dict) -> list[str]:
+    return [f"{n}:grad" for n in failed]
+
+
+def diagnose(target, runs: dict, failed: dict, passing: list, impl, ctx):
+    def suspect(bug, run: grads.GradRun):
+        q, k, v, s, mask, g = run.inputs
+        out = gradients(bug.kernel(), q.double(), k.double(), v.double(), s.causal, s.scale, mask, g.double())
+        return dict(zip(("q", "k", "v"), out, strict=True))
+
+    names = {n: [ch.removeprefix("grad_") for ch in checks] for n, checks in failed.items()}
+    return diagnose_grads(runs, names, "core", None, suspect)

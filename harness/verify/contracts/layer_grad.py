@@ -1,0 +1,147 @@
+"""The gradients of a layer or module (`--grad`), run after its forward passes: gradients of sum(out * g) w.r.t. x
+and the four weights, against transformers' LlamaAttention through autograd (verify/grads.py: the references and
+the rule), diagnosed by diagnosis/grad.py."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from harness.checkpoints.format import Fixture
+from harness.checkpoints.sources.base import interleaved_to_half_split
+from harness.verify import grads
+from harness.verify.compare import not_run as no_output
+from harness.verify.contracts import layer
+from harness.verify.contracts.layer import check_tensor, contract_error, in_layout, weights_in
+from harness.verify.diagnosis.grad import diagnose_grads
+from harness.verify.worker import Fault
+
+NAME = "layer_grad"
+OPTION = None
+HELP = "the gradients of a layer or module"
+GRAD = None
+FAULT_CHECK = "grad"
+GRAD_OF = ("x", "q_proj", "k_proj", "v_proj", "o_proj")
+THIS = sys.modules[__name__]  # the contract whose serve() computes the gradients
+
+
+def builtins() -> dict:
+    return layer.builtins()
+
+
+def targets(fixtures):
+    return fixtures
+
+
+def cases(f: Fixture, ctx, impl, forward: list | None = None) -> list:
+    names = grads.LAYER_QUICK if ctx.quick else grads.LAYER_FULL
+    return [s for s in (forward if forward is not None else layer.cases(f, ctx, impl)) if s.name in names]
+
+
+def reference(f: Fixture, s, ctx, device="cpu"):
+    """(the forward case, g, transformers' gradients eager, in float64, sdpa), once per fixture contents."""
+    r = layer.reference(f, s, ctx, device)
+    g = grads.seeded_g(r.ref.shape, r.keep, s.dtype)
+    key = (f.key, s.name, "grad")
+    if key not in ctx.cache:  # transformers through autograd, once per fixture contents and scenario
+        w = weights_in(f, s.dtype)
+        ctx.cache[key] = (grads.hf_layer_grads(f.config, w, r.x, r.pos, r.mask, g, s.dtype),
+                          grads.hf_layer_grads(f.config, f.weights, r.x, r.pos, r.mask, g, s.dtype, float64=True),
+                          grads.hf_layer_grads(f.config, w, r.x, r.pos, r.mask, g, s.dtype, path="sdpa"))
+    return (r, g, *ctx.cache[key])
+
+
+def gradients(code, kind: str, config: dict, w: dict, x, pos, mask, g) -> list:
+    """Gradients of sum(out * g) w.r.t. x and the four weights (None where nothing flows back), for a layer or a
+    module (built here, from weights that require grad, so a module that uses them directly gives their
+    gradients). Runs where the code runs; also on the catalog's bugs, as suspects."""
+    x = x.detach().clone().requires_grad_(True)
+    w = {k: v.detach().clone().requires_grad_(True) for k, v in w.items()}
+    with torch.enable_grad():
+        if kind == "module":
+            out = code(config, w)(x, pos, attention_mask=mask)
+        else:
+            out = code(x, w, config=config, position_ids=pos, attention_mask=mask)
+        if not isinstance(out, torch.Tensor) or out.shape != g.shape:
+            return [out]  # described and refused by the caller, like a forward output
+        wanted = [x] + [w[n] for n in GRAD_OF[1:]]
+        return list(torch.autograd.grad((out * g.to(out.dtype)).sum(), wanted, allow_unused=True))
+
+
+def serve(code, header: dict, t: dict, state: dict):
+    config = json.loads(json.dumps(state["configs"][header["key"]]))
+    return tuple(gradients(code, header["kind"], config, state["weights"][header["key"]], t["x"], t["position_ids"],
+                           t.get("attention_mask"), t["g"]))  # fmt: skip
+
+
+def layer_grad(impl, key: str, config: dict, weights: dict, x, pos, mask, g) -> dict:
+    """{"x": ..., "q_proj": ..., ...} (a weight whose gradient does not flow back to the given tensor is absent for
+    a module, which copies its weights), checked, where x is."""
+    t = {"x": x, "position_ids": pos, "g": g} | ({} if mask is None else {"attention_mask": mask})
+    preload = (key, config, in_layout(weights, config, impl.layout))
+    descs, items = impl.call(THIS, {"key": key, "kind": impl.contract}, t, "computing gradients", preload)
+    wrt = {"x": x, **{n: weights[n] for n in GRAD_OF[1:]}}
+    got = check_grads(descs, items, wrt, impl.contract, impl.device)
+    if impl.layout == "meta":  # its q/k rows were in Meta's order: their gradients come back in it
+        for name, n in (("q_proj", config["num_attention_heads"]), ("k_proj", config["num_key_value_heads"])):
+            if name in got:
+                got[name] = interleaved_to_half_split(got[name], n)
+    return got
+
+
+def check_grads(descs: list[dict], items: list, wrt: dict, contract: str, device=None) -> dict:
+    """Gradients as they came back -> {name: tensor} (where the inputs are), each of its input's shape and dtype,
+    on the implementation's device."""
+    if len(descs) == 1 and len(wrt) > 1:  # the forward output itself, refused
+        raise Fault("contract", f"computing gradients: {contract_error('the output', descs[0], 'a tensor').message}")
+    out = {}
+    for (name, like), d, t in zip(wrt.items(), descs, items, strict=True):
+        if d.get("type") == "builtins.NoneType":
+            if contract == "module" and name != "x":
+                continue  # the module keeps its own copy of this weight: nothing to compare
+            raise Fault("contract", f"no gradient reaches {name}: the computation is not differentiable w.r.t. it")
+        check_tensor(f"the gradient of {name}", d, t, like.shape, like.dtype, torch.device(device or like.device))
+        out[name] = t.to(like.device)
+    return out
+
+
+def call(impl, f: Fixture, s, ref) -> dict:
+    r, g = ref[0], ref[1]
+    return layer_grad(impl, f"{f.key}:{str(s.dtype).removeprefix('torch.')}", f.config, weights_in(f, s.dtype), r.x,
+                      r.pos, r.mask, g)  # fmt: skip
+
+
+def not_run(s, ref):
+    return no_output(ref[0].ref, s.dtype)
+
+
+def run_of(s, ref, got) -> grads.GradRun:
+    r, g, eager, ref64, sdpa = ref
+    return grads.GradRun(got, eager, ref64, s.dtype, sdpa, r.keep, (r.x, r.pos, r.mask, g))
+
+
+def compare(f: Fixture, s, ref, got: dict) -> list:
+    run = run_of(s, ref, got)
+    return [(f"grad_{n}", grads.compare_grad(n, run)) for n in got]
+
+
+def evidence(f: Fixture, s, ref, got: dict) -> grads.GradRun:
+    return run_of(s, ref, got)
+
+
+def failing_names(failed: dict) -> list[str]:
+    return [f"{n}:grad" for n in failed]
+
+
+def diagnose(f: Fixture, runs: dict, failed: dict, passing: list, impl, ctx):
+    def suspect(bug, run: grads.GradRun):
+        x, pos, mask, g = run.inputs
+        w = {k: v.double() for k, v in f.weights.items()}
+        out = gradients(bug.layer(), "layer", f.config, w, x.double(), pos, mask, g.double())
+        return dict(zip(GRAD_OF, out, strict=True))
+
+    names = {n: [ch.removeprefix("grad_") for ch in checks] for n, checks in failed.items()}
+    return diagnose_grads(runs, names, "layer", f.config, suspect)
+

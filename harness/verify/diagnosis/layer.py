@@ -1,0 +1,185 @@
+"""The diagnosis of a layer (or module): name the first broken stage of a failing implementation, with a hint in
+the user's terms. It works on black boxes: it sees the outputs on the scenarios, and may call the implementation
+again on inputs and weights of its own (probes). In order:
+
+1. non-finite outputs: `nonfinite` (rows that see no key give NaN), or `softmax` when only huge scores overflow;
+2. stage by stage, for implementations that return their intermediates (naive): the first that differs from HF;
+3. suspects re-run in float64 (suspects.py): the catalog's bugs, the fixture's rope parameters changed, each step
+   lowered to half precision, a fitted constant on the scores;
+4. probes that ask the implementation directly (probes.py): causality, padding, the head mapping;
+5. which rows are wrong: exact-zero rows after a sequence's first token (skipped blocks: `tiling`); only the last
+   token, only where positions are not 0..S-1 (a decode path's position: `rope`);
+6. the pattern of failing scenarios: one token (projections), all positions 0 passing (RoPE), only non-contiguous
+   positions (position_ids), only long unequal distances (frequencies), every sequence above a length (tiling),
+   only padding, only x50 scores (softmax stability), only half precision.
+
+A passing but imprecise implementation gets `diagnose_precision`: the precision suspects, then the precision probes.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+
+from harness.bugs import catalog
+from harness.reference import Reference, additive_mask
+from harness.verify.diagnosis.evidence import MAX_SUSPECT_LEN, Call, Diagnosis, Run
+from harness.verify.diagnosis.probes import ask, precision_probes, probes
+from harness.verify.diagnosis.suspects import Suspect, match, precision_suspects, suspects
+from harness.verify.scenarios import tagged
+
+
+def diagnose(fixture, runs: dict[str, Run], failing: list[str], passing: list[str], call: Call | None = None,
+             fn: Callable | None = None) -> Diagnosis:  # fmt: skip
+    """runs: every scenario's evidence; call(x, weights, pos, mask) runs the implementation again (probes);
+    fn: the implementation itself when it runs in this process (stage-by-stage for built-ins)."""
+    config = fixture.config
+    weights = {k: v.float() for k, v in fixture.weights.items()}
+    steps = (
+        lambda: _nonfinite(failing, runs),
+        lambda: _stagewise(config, weights, fn, runs),
+        lambda: suspects(config, weights, runs, failing),
+        lambda: probes(config, weights, runs, failing, call),
+        lambda: _row_pattern(failing, runs),
+    )
+    for step in steps:
+        found = step()
+        if found is not None:
+            return found
+    return _pattern(failing, passing, runs)
+
+
+def _nonfinite(failing, runs) -> Diagnosis | None:
+    bad = [n for n in failing if not torch.isfinite(runs[n].out).all()]
+    if not bad:
+        return None
+    empty_rows = any(not runs[n].keep.all() for n in bad)  # a scenario where some rows see no key at all
+    if set(bad) <= tagged("large_scores"):
+        return Diagnosis("softmax", "NaN/Inf only when scores are in the thousands: exp overflows; subtract the "
+                         "row max before exp (and keep the running max in a tiled loop)", "overflow")  # fmt: skip
+    hint = "NaN/Inf in the output" + (
+        " of rows whose every key is masked (padding): a fully masked row must give zeros, not a softmax over "
+        "all -inf" if empty_rows else f" (scenarios: {', '.join(bad)})"
+    )
+    return Diagnosis("nonfinite", hint)
+
+
+def _stagewise(config, w, fn, runs) -> Diagnosis | None:
+    try:
+        if fn is None or "return_intermediates" not in inspect.signature(fn).parameters or "short" not in runs:
+            return None
+    except (TypeError, ValueError):
+        return None
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # lazy: transformers is slow to import
+
+    r = runs["short"]
+    x, pos, mask = r.x.float(), r.pos, r.mask
+    _, st = fn(x, w, config=config, position_ids=pos, attention_mask=mask, return_intermediates=True)
+    ref = Reference(config, w)
+    a = ref.attn
+    B, S, _ = x.shape
+    shp = (B, S, -1, a.head_dim)
+    with torch.no_grad():
+        q, k, v = (getattr(a, n)(x).view(shp).transpose(1, 2) for n in ("q_proj", "k_proj", "v_proj"))
+        cos, sin = ref.rope(x, pos)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        kk = k.repeat_interleave(a.num_key_value_groups, 1)
+        scores = q @ kk.transpose(-2, -1) * a.scaling
+        probs = torch.softmax(scores + additive_mask(S, S, mask, B), -1)
+        ctx = probs @ v.repeat_interleave(a.num_key_value_groups, 1)
+    checks = [("v", v, "projection"), ("q", q, "rope"), ("k", k, "rope"), ("scores", scores, "scale"),
+              ("probs", probs, "softmax"), ("context", ctx, "gqa")]  # fmt: skip
+    for name, want, stage in checks:
+        got = st.get(name)
+        if got is None or got.shape != want.shape or (got.float() - want).abs().max() > 1e-4:
+            return Diagnosis(stage, f"stage-by-stage: '{name}' is the first intermediate that differs from "
+                             "transformers'", f"intermediate:{name}")  # fmt: skip
+    return Diagnosis("output_projection", "every intermediate matches transformers' up to the context: the head "
+                     "merge or o_proj is wrong", "intermediate:output")  # fmt: skip
+
+
+def _row_pattern(failing, runs) -> Diagnosis | None:
+    """Rows of exact zeros where tokens are (skipped blocks), or only the last token of each sequence (a decode
+    path), seen on every failing scenario."""
+    zero_rows, last_only = False, bool(failing)
+    for n in failing:
+        r = runs[n]
+        keep = r.keep  # (B, S)
+        first = keep.float().argmax(-1, keepdim=True)  # (B, 1) the first real token of each row
+        after_first = keep & (torch.arange(r.x.shape[1])[None] > first)  # (B, S)
+        zero = (r.out.float().abs().amax(-1) == 0) & (r.ref.float().abs().amax(-1) > 0)  # (B, S)
+        zero_rows |= bool((zero & after_first).any())  # a first token that sees nothing can be 0; later ones not
+        err = (r.out.double() - r.ref.double()).abs().amax(-1).masked_fill(~keep, 0)  # (B, S)
+        last_only &= r.x.shape[1] > 1 and bool(err[:, -1].max() > 0) and bool(err[:, :-1].max() <= 1e-2 * err.max())
+    if zero_rows:
+        return Diagnosis("tiling", "whole output rows are exactly zero where tokens are: query or key blocks were "
+                         "skipped (the last partial block dropped? loop over ceil(S / block) blocks, not "
+                         "S // block)", "zero_rows")  # fmt: skip
+    if last_only and set(failing) <= tagged("positions"):
+        return Diagnosis("rope", "only the last token is wrong, and only where positions are not 0..S-1: a decode "
+                         "(KV-cache) path places the new token at the cache length; rotate it by its position_ids",
+                         "last_token")  # fmt: skip
+    return None
+
+
+def _pattern(failing, passing, runs) -> Diagnosis:
+    f, p = set(failing), set(passing)
+    if "one_token" in f:
+        return Diagnosis("projection", "even a single token (which attends only to itself) is wrong: check the "
+                         "q/k/v/o projections, the head split and merge, and the KV-head mapping", "one_token")
+    contiguous = {n for n in runs if n not in tagged("positions") and n != "one_token"}
+    if f and f <= tagged("positions") and "zero_positions" in f and (p & contiguous):
+        return Diagnosis("rope", "wrong only where positions are not 0..S-1 (padding, restarts, sparse, all zero): "
+                         "position_ids look ignored or misread; rotate each token by its own position_ids "
+                         "(RoPE is relative, so contiguous positions hide this)", "positions")  # fmt: skip
+    if f and f <= {"sparse_positions", "packed", "rope_stress"}:
+        return Diagnosis("rope_frequencies", "only unequal long distances between positions fail: the rotary "
+                         "frequencies are off (rope_theta, rope scaling, float32 angles)", "sparse_positions")
+    fl = {n: runs[n].x.shape[1] for n in f if runs[n].dtype == torch.float32}  # failing float32 lengths
+    pl = {n: runs[n].x.shape[1] for n in p if runs[n].dtype == torch.float32}
+    if fl and pl and min(fl.values()) > max(pl.values()):
+        return Diagnosis("tiling", f"every float32 sequence of {min(fl.values())} tokens or more fails and every "
+                         "shorter one passes: a block-size effect (the accumulator rescaling across key blocks, the "
+                         "last partial block, the diagonal blocks' mask)", "length")  # fmt: skip
+    if "zero_positions" in p and (f & {"short", "prompt", "sparse_positions", "packed"}):
+        return Diagnosis("rope", "correct with every position 0 (RoPE off) but wrong otherwise: the rotary "
+                         "embedding is applied wrongly", "zero_positions")
+    if f == {"left_padding"}:
+        return Diagnosis("padding_mask", "only the padded batch fails: check how attention_mask (1 = token, "
+                         "0 = padding) masks the keys", "left_padding")
+    if f <= {"len_257", "len_1000", "long_2048"} and "short" in p:
+        return Diagnosis("tiling", "short sequences pass but lengths off the block grid fail: check the last "
+                         "partial block and the masking of diagonal blocks", "len_257")
+    if f and f <= tagged("large_scores"):
+        return Diagnosis("softmax", "only inputs scaled x50 fail: the softmax is not stable (subtract the running "
+                         "max; rescale the accumulator when the max changes)", "scaled_x50")
+    if f <= {"bfloat16", "float16"}:
+        return Diagnosis("softmax", "only half precision fails: do the softmax and the accumulation in float32",
+                         "half")
+    return Diagnosis("unknown", "no single stage explains the failures: " + ", ".join(sorted(f)))
+
+
+def diagnose_precision(fixture, runs: dict[str, Run], imprecise: list[str], call: Call | None) -> Diagnosis:
+    """imprecise: the scenarios that pass the gate with a precision ratio above the limit. The same suspects as
+    a failure (a step lowered to bfloat16 or float16 matches the output), then probes: how the error moves with
+    the positions, the scores' magnitude and the length."""
+    config = fixture.config
+    w = {k: v.float() for k, v in fixture.weights.items()}
+    names = [n for n in imprecise if runs[n].dtype == torch.float32 and runs[n].x.shape[1] <= MAX_SUSPECT_LEN]
+    if names:
+        found = [Suspect(b.name, b.stage, b.hint_for(config), b.layer()) for b in catalog.suspects(config)
+                 if b.stage.endswith("_precision")] + precision_suspects()  # fmt: skip
+        best = None
+        for s in found:
+            worst = match(s.fn, config, w, runs, names)
+            if worst is not None and (best is None or worst < 0.99 * best[1]):
+                best = (s, worst)
+        if best is not None:
+            return Diagnosis(best[0].stage, best[0].hint, best[0].name)
+    if call is not None:
+        found = ask(precision_probes, config, w, runs, imprecise, call)
+        if found is not None:
+            return found
+    return Diagnosis("unknown", "no single step explains the lost precision: " + ", ".join(sorted(imprecise)))

@@ -1,0 +1,223 @@
+"""Suspects: what would the output be under this mistake? Each is re-run in float64 on the failing inputs; the one
+the output matches (much closer to it than to the correct reference) is named.
+
+    the catalog's bugs that are not held out (harness/bugs/catalog.py)
+    each pipeline step lowered to bfloat16 or float16 (precision_steps)
+    the rotary frequencies recomputed with each of the fixture's own rope parameters changed (rope_frequencies)
+    a fitted constant on the scores (any wrong scale)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from harness.bugs import catalog, pipeline
+from harness.common import heads
+from harness.verify.diagnosis.evidence import EXACT, MAX_SUSPECT_LEN, Diagnosis, maxdiff, rms, round_to
+from impl import masks
+from impl.rope import dims, inv_freq
+
+
+@dataclass
+class Suspect:
+    name: str
+    stage: str
+    hint: str
+    fn: Callable  # a layer-contract function; run in float64
+
+
+def suspects(config, w, runs, failing) -> Diagnosis | None:
+    fp32 = [n for n in failing if runs[n].dtype == torch.float32 and runs[n].x.shape[1] <= MAX_SUSPECT_LEN]
+    if not fp32:
+        return None
+    found = [Suspect(b.name, b.stage, b.hint_for(config), b.layer()) for b in catalog.suspects(config)]
+    found += rope_suspects(config) + precision_suspects()
+    best = None
+    for s in found:
+        worst = match(s.fn, config, w, runs, fp32)
+        if worst is not None and (best is None or worst < 0.99 * best[1]):  # a tie keeps the first (the catalog's)
+            best = (s, worst)
+        if best is not None and best[1] < EXACT:  # the output is this suspect's computation: look no further
+            break
+    if best is not None:
+        return Diagnosis(best[0].stage, best[0].hint, best[0].name)
+    return scale_fit(config, w, runs, fp32)
+
+
+def match(fn, config, w, runs, names) -> float | None:
+    """The worst ratio rms(out - suspect) / rms(out - ref) over the scenarios when the suspect explains each of
+    them, else None. Explains: the output is at least 3x closer to the suspect than to the reference, give or take
+    the rounding a float32 run adds (transformers' own distance from float64 here). A root mean square, not a
+    max: a suspect that rounds to half precision rounds a few elements the other way than a float32 run does."""
+    worst = 0.0
+    for n in names:
+        r = runs[n]
+        try:
+            sus = pipeline.float64(fn, r.x, w, r.pos, r.mask, config)
+        except Exception:  # noqa: BLE001 - a suspect that cannot run on these inputs explains nothing
+            return None
+        got, base = rms(r.out, sus, r.keep), rms(r.out, r.ref, r.keep)
+        noise = 0.0 if r.ref64 is None else rms(r.ref, r.ref64, r.keep)
+        if not got <= 0.3 * base + 2 * noise:
+            return None
+        worst = max(worst, got / max(base, 1e-30))
+    return worst
+
+
+def precision_steps() -> list[tuple[str, str, str, dict]]:
+    """Each step of the pipeline lowered to bfloat16 or float16, the rest exact: a rotary table or angles, the
+    scores, the softmax, the probabilities, the accumulator -> (name, stage, hint, pipeline steps)."""
+    out = []
+    for to in (torch.bfloat16, torch.float16):
+        name = str(to).removeprefix("torch.")
+
+        def tables_low(c, p, dt, to=to):
+            cos, sin = pipeline.tables(c, p, dt)
+            return round_to(cos, to), round_to(sin, to)
+
+        def angles_low(c, p, dt, to=to):
+            inv, scaling = inv_freq(c, seq_len=int(p.max()) + 1 if p.numel() else None)
+            ang = (p.to(to)[..., None] * inv.to(to)).to(dt)  # (B, S, rd/2)
+            emb = torch.cat((ang, ang), dim=-1)
+            return emb.cos() * scaling, emb.sin() * scaling
+
+        out += [
+            (f"precision:table_{name}", "rope_precision", f"the RoPE cos/sin table looks rounded to {name}: keep it "
+             "in float32 (a cache in the model's dtype is the usual cause)", {"tables": tables_low}),
+            (f"precision:angles_{name}", "rope_precision", f"the RoPE angles (position * inv_freq) look computed in "
+             f"{name}: compute them in float32", {"tables": angles_low}),
+            (f"precision:scores_{name}", "softmax_precision", f"the scores q k^T look rounded to {name} before the "
+             "softmax: keep them in float32",
+             {"scores": lambda q, k, d, to=to: round_to(pipeline.scores(q, k, d), to)}),
+            (f"precision:softmax_{name}", "softmax_precision", f"the softmax (max, exp, sum) looks computed in {name}: "
+             "compute it in float32",
+             {"softmax": lambda s, a, to=to: masks.masked_softmax(s.to(to), a).to(s.dtype)}),
+            (f"precision:probs_{name}", "accumulation_precision", f"the probabilities look rounded to {name} before "
+             "they multiply the values: keep them in float32",
+             {"aggregate": lambda p, v, to=to: pipeline.aggregate(round_to(p, to), v)}),
+            (f"precision:accumulator_{name}", "accumulation_precision", f"probabilities times values look accumulated "
+             f"in {name}: accumulate in float32", {"aggregate": lambda p, v, to=to: accumulate_in(p, v, to)}),
+        ]  # fmt: skip
+    return out
+
+
+def precision_suspects() -> list[Suspect]:
+    return [Suspect(n, stage, hint, pipeline.layer(**steps)) for n, stage, hint, steps in precision_steps()]
+
+
+def accumulate_in(p: torch.Tensor, v: torch.Tensor, to: torch.dtype, block: int = 16) -> torch.Tensor:
+    acc = torch.zeros(*p.shape[:-1], v.shape[-1], dtype=v.dtype)
+    for j in range(0, v.shape[-2], block):
+        acc = round_to(acc + p[..., j : j + block].to(v.dtype) @ v[..., j : j + block, :], to)
+    return acc
+
+
+def rope_suspects(config: dict) -> list[Suspect]:
+    """The rotary frequencies recomputed with one of the fixture's own rope parameters changed: its scaling
+    dropped, or one numeric parameter (theta, a factor, a context length) multiplied or divided by 2, 4 or 8, or
+    set to a value codebases hard-code. Built from the config at hand, whatever its rope_type."""
+    rp = config["rope_parameters"]
+    kind = rp.get("rope_type", "default")
+    out = []
+    seen = {_signature(inv_freq, config)}  # variants that compute the config's own frequencies are no suspects
+
+    def with_params(params: dict, name: str, hint: str) -> None:
+        cfg = {**config, "rope_parameters": params}
+        try:  # a variant the rope code cannot compute is no suspect
+            sig = _signature(inv_freq, cfg)
+        except (KeyError, ValueError, ZeroDivisionError, TypeError, OverflowError):
+            return
+        if sig in seen:  # the same frequencies as an earlier suspect: it says nothing new
+            return
+        seen.add(sig)
+        out.append(Suspect(name, "rope_frequencies", hint,
+                           pipeline.layer(tables=lambda c, p, dt, cfg=cfg: pipeline.tables(cfg, p, dt))))  # fmt: skip
+
+    if kind != "default":
+        with_params({"rope_type": "default", "rope_theta": rp["rope_theta"]}, f"rope:{kind}_missing",
+                    f"frequencies look unscaled: the {kind} RoPE scaling of rope_parameters is missing")  # fmt: skip
+    if kind == "dynamic":  # applied at every length, at its full factor (static NTK), instead of past the context
+        rd = dims(config)[1]
+        with_params({"rope_type": "default", "rope_theta": rp["rope_theta"] * rp["factor"] ** (rd / (rd - 2))},
+                    "rope:dynamic_always", "the rotary base looks scaled at every length (static NTK): dynamic "
+                    "scaling changes it only past max_position_embeddings, from the longest position seen")  # fmt: skip
+    if kind == "yarn":  # the attention factor yarn puts on cos/sin, dropped
+        def unscaled(c, p, dt):
+            cos, sin = pipeline.tables(c, p, dt)
+            _, scaling = inv_freq(c, seq_len=int(p.max()) + 1, dtype=dt)
+            return cos / scaling, sin / scaling
+
+        out.append(Suspect("rope:yarn_attention_factor_missing", "rope_frequencies", "cos/sin look unscaled: yarn "
+                           "multiplies them by its attention factor (from factor, mscale, mscale_all_dim)",
+                           pipeline.layer(tables=unscaled)))  # fmt: skip
+    # the frequency bands: the two bounds of llama3's and yarn's ramp swapped (read with transformers' defaults)
+    bands = {"llama3": ("low_freq_factor", "high_freq_factor", None, None), "yarn": ("beta_fast", "beta_slow", 32, 1)}
+    if kind in bands:
+        a, b, da, db = bands[kind]
+        va, vb = rp.get(a) or da, rp.get(b) or db
+        with_params({**rp, a: vb, b: va}, f"rope:{a}<->{b}", f"the frequency band looks bounded the other way round "
+                    f"({a}={vb:g}, {b}={va:g}, the config's swapped): take both from rope_parameters")  # fmt: skip
+        rp = {**rp, a: va, b: vb}  # and each bound varied below, from its value or transformers' default
+    for key, val in rp.items():
+        if key == "rope_type" or isinstance(val, bool) or not isinstance(val, (int, float)):
+            continue
+        values = {val * m for m in (1 / 8, 1 / 4, 1 / 2, 2, 4, 8)}
+        if key == "rope_theta":
+            values |= {10000.0, 500000.0, 1000000.0}
+        if "factor" in key:
+            values |= {1.0, 8.0, 16.0, 32.0}
+        for new in sorted(values - {val}):
+            new = type(val)(new) if isinstance(val, int) and float(new).is_integer() else new
+            with_params({**rp, key: new}, f"rope:{key}={new:g}",
+                        f"the rotary frequencies look computed with {key}={new:g} instead of the config's {val:g}: "
+                        "take rope_parameters from the config")  # fmt: skip
+    return out
+
+
+def _signature(inv_freq, config) -> tuple:
+    top = int(config.get("max_position_embeddings") or 4096)
+    sig = []
+    for n in (top // 2, 2 * top):  # dynamic scaling depends on the length: two of them
+        inv, scaling = inv_freq(config, seq_len=n, dtype=torch.float64)
+        sig.append((tuple(round(float(f), 12) for f in inv), round(float(scaling), 12)))
+    return tuple(sig)
+
+
+def scale_fit(config, w, runs, names) -> Diagnosis | None:
+    """Fit one constant a on the scores (scores * a): if the output is that function of a for some a != 1 on
+    every failing scenario, the scale is wrong, whatever expression produced it."""
+    seq = [n for n in names if runs[n].x.shape[1] > 1]
+    if not seq:
+        return None
+    probe = min(seq, key=lambda n: runs[n].x.shape[1])
+    r = runs[probe]
+
+    def resid(log2a: float) -> float:
+        fn = pipeline.layer(scores=lambda q, k, d: pipeline.scores(q, k, d) * 2.0**log2a)
+        return maxdiff(r.out, pipeline.float64(fn, r.x, w, r.pos, r.mask, config), r.keep)
+
+    grid = [i / 4 for i in range(-32, 33)]  # a from 1/256 to 256
+    errs = [resid(t) for t in grid]
+    i = min(range(len(grid)), key=errs.__getitem__)
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    for _ in range(20):  # golden section on log2 a
+        m1, m2 = hi - (hi - lo) / 1.618, lo + (hi - lo) / 1.618
+        lo, hi = (lo, m2) if resid(m1) < resid(m2) else (m1, hi)
+    a = 2.0 ** ((lo + hi) / 2)
+    if abs(a - 1) < 1e-3:
+        return None
+    fn = pipeline.layer(scores=lambda q, k, d: pipeline.scores(q, k, d) * a)
+    if match(fn, config, w, runs, names) is None:
+        return None
+    d = heads(config).d
+    eff = a * d**-0.5  # the scale the implementation applies
+    return Diagnosis(
+        "scale",
+        f"scores look multiplied by {eff:.4g} = 1/sqrt({eff**-2:.4g}) instead of 1/sqrt(head_dim) = "
+        f"1/sqrt({d}) = {d**-0.5:.4g} ({a:.3g}x too {'large' if a > 1 else 'small'}): scale q k^T by "
+        "1/sqrt(head_dim)",
+        "scale_fit",
+    )
