@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding, eager_attention_forward
 
 from harness.reference import additive_mask, float64_tables, hf_config
 from harness.verify.compare import Comparison, compare
@@ -51,8 +53,6 @@ def hf_layer_grads(config: dict, weights: dict, x, pos, mask, g, dtype, float64:
                    path: str = "eager") -> dict:  # fmt: skip
     """{"x", "q_proj", ...}: transformers' LlamaAttention (eager or sdpa in dtype; sdpa with float64 tables in
     float64)."""
-    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
-
     dt = torch.float64 if float64 else dtype
     cfg = hf_config(config, "sdpa" if float64 else path)
     with torch.device("meta"):
@@ -71,9 +71,6 @@ def hf_layer_grads(config: dict, weights: dict, x, pos, mask, g, dtype, float64:
 
 def hf_kernel_grads(q, k, v, mask4, g, scale, dtype, float64: bool = False, path: str = "eager") -> dict:
     """{"q", "k", "v"}: eager_attention_forward (or sdpa's) in dtype, sdpa_attention_forward in float64."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.models.llama.modeling_llama import eager_attention_forward
-
     dt = torch.float64 if float64 else dtype
     m = torch.nn.Module()
     m.num_key_value_groups, m.training, m.is_causal = q.shape[1] // k.shape[1], False, False

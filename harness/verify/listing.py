@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 
+from harness.checkpoints.format import list_fixtures, load_fixture
 from harness.common import Parser, UserError, one_line
+from harness.verify.scenarios import SCENARIOS
 
 
 def main(argv=None) -> int:
-    from harness.checkpoints.format import list_fixtures, load_fixture
-    from harness.verify.scenarios import SCENARIOS
-    from impl import IMPLEMENTATIONS
+    from impl import IMPLEMENTATIONS  # lazy: impl imports triton, slow; `list --json` need not pay for it
 
     p = Parser(prog="attention-verify list", description="Fixtures, implementations and scenarios.")
     p.add_argument("--json", action="store_true")

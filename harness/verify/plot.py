@@ -57,11 +57,11 @@ def _ratio(r) -> float:
 
 
 def draw(v, evidence: dict, fixture) -> bytes:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is slow to import, and only --plot draws
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
+    import matplotlib.pyplot as plt  # lazy: after the backend is chosen
+    from matplotlib.colors import LogNorm  # lazy: as above
 
     name = _worst(evidence, v)
     r = evidence[name]

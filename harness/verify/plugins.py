@@ -15,6 +15,7 @@ from harness.common import UserError
 from harness.verify import contracts
 from harness.verify.specs import import_spec
 from harness.verify.worker import Fault, Worker, results
+from impl import IMPLEMENTATIONS, INTERPRETED_ON_CPU, sdpa
 
 LAYOUTS = ("hf", "meta")
 
@@ -82,14 +83,10 @@ class Builtin(Impl):
     def backend(self) -> str | None:
         if self.spec != "sdpa":
             return None
-        from impl import sdpa  # lazy: impl imports triton, slow
-
         return sdpa.last_backend  # the backend that ran last (a silent fall-back shows here)
 
     @property
     def interpreted(self) -> bool:
-        from impl import INTERPRETED_ON_CPU  # lazy: impl imports triton, slow
-
         return self.spec in INTERPRETED_ON_CPU and not str(self.device).startswith("cuda")
 
     def _on(self, t):
@@ -112,7 +109,7 @@ class Isolated(Impl):
 
     def __init__(self, spec: str, contract: str, **kw):
         super().__init__(spec, contract, **kw)
-        self.worker = Worker(spec, contract, self.device, contracts.REGISTRY[contract])
+        self.worker = Worker(spec, contract, self.device, serving(contracts.get(contract)).partition(":")[0])
         self.early: Fault | None = None  # a fault while importing, given as the first call's verdict
 
     def launch(self) -> None:
@@ -137,12 +134,17 @@ class Isolated(Impl):
             raise fault
         if preload is not None:
             self.worker.weights(*preload, self.deadline)
-        reply, out = self.worker.call({**header, "op": "call", "contract": contract.__name__}, tensors,
+        reply, out = self.worker.call({**header, "op": "call", "serve": serving(contract)}, tensors,
                                       self.deadline, doing)  # fmt: skip
         return reply["results"], [out.get(f"r{i}") for i in range(len(reply["results"]))]
 
     def reset(self) -> None:
         self.worker.stop()
+
+
+def serving(contract) -> str:
+    """`module:function` a worker runs for this contract: its SERVE, else the contract module's own serve."""
+    return getattr(contract, "SERVE", f"{contract.__name__}:serve")
 
 
 def resolve(spec: str, contract: str = "layer", *, layout: str = "hf", device: str = "cpu") -> Impl:
@@ -170,6 +172,4 @@ def builtin(name: str, fn, contract: str = "layer") -> Impl:
 def resolve_impl(spec: str):
     """(name as given, the layer-contract callable) for a built-in or, in this process, a user's module (the bug
     catalog's tests and the e2e tests use it; `verify` and `e2e` isolate user code through `resolve`)."""
-    from impl import IMPLEMENTATIONS  # lazy: impl imports triton, slow
-
     return spec, import_spec(spec, IMPLEMENTATIONS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from harness import versions
+from harness.verify.compare import PRECISION_LIMIT
 
 REFERENCE_CHECKS = ("hf-sdpa", "golden")
 
@@ -66,8 +67,6 @@ def print_report(rows, verdicts, seconds: float, n_fixtures: int, n_impls: int, 
 def precision_markdown(rows) -> str:
     """The largest precision ratio per implementation (transformers' sdpa path included) and scenario: the table
     behind the limit (docs/precision.md)."""
-    from harness.verify.compare import PRECISION_LIMIT
-
     impls = list(dict.fromkeys(r.impl for r in rows if r.impl != "golden" and r.check == "forward"))
     scen = list(dict.fromkeys(r.scenario for r in rows if r.check == "forward"))
     worst = {}

@@ -116,8 +116,8 @@ def results(value) -> tuple[list[dict], dict[str, torch.Tensor]]:
 
 
 def serve(spec: str, contract: str) -> None:
-    """The worker's main loop. Exits when the parent closes the channel. Each call names the contract module whose
-    `serve(code, header, tensors, state)` runs the code: this loop knows no contract."""
+    """The worker's main loop. Exits when the parent closes the channel. Each call names the function that runs
+    the code (`module:function`, taking (code, header, tensors, state)): this loop knows no contract."""
     proto_out = os.dup(1)
     os.dup2(2, 1)  # user code that prints writes to stderr, never into the channel
     proto_in = 0
@@ -159,7 +159,8 @@ def handle(obj, header: dict, t: dict, state: dict):
         return {"ok": True}, None
     if header["op"] != "call":
         raise ValueError(f"unknown op {header['op']!r}")
-    value = importlib.import_module(header["contract"]).serve(obj, header, t, state)
+    module, _, fn = header["serve"].partition(":")
+    value = getattr(importlib.import_module(module), fn)(obj, header, t, state)
     descs, out = results(value)
     return {"ok": True, "results": descs}, out
 
@@ -184,9 +185,9 @@ class Worker:
     """One implementation's worker process. `call` raises Fault when the worker dies or runs out of time; after
     that the worker is gone and the next call starts a new one."""
 
-    def __init__(self, spec: str, contract: str, device: str = "cpu", contract_module: str = ""):
+    def __init__(self, spec: str, contract: str, device: str = "cpu", serve_module: str = ""):
         self.spec, self.contract, self.device = spec, contract, device
-        self.contract_module = contract_module  # the module whose serve() runs the code, imported in the worker
+        self.serve_module = serve_module  # the module whose function runs the code, imported in the worker
         self.proc = None
         self.ready = False  # launched and answered: its code imported
         self.sent: set[str] = set()  # weight keys the current worker holds
@@ -198,7 +199,7 @@ class Worker:
             return
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - the worker's stderr, read when it dies
         env = dict(os.environ)
-        path = [str(ROOT), os.getcwd(), *import_root(self.contract_module), env.get("PYTHONPATH", "")]
+        path = [str(ROOT), os.getcwd(), *import_root(self.serve_module), env.get("PYTHONPATH", "")]
         env["PYTHONPATH"] = os.pathsep.join(path).rstrip(os.pathsep)
         env["PYTHONUNBUFFERED"] = "1"
         self.proc = subprocess.Popen(

@@ -8,7 +8,9 @@ one module here; the loop (verify/loop.py) runs any of them. A module defines:
     cases(target, ctx, impl)                    the inputs, seeded; each has .name and .dtype
     reference(target, case, ctx, device)        transformers in the case's dtype and in float64, cached
     reference_rows(target, cases, ctx, device)  checks of the reference itself (optional)
-    serve(code, header, tensors, state)         calls the code: in its worker, or here for a built-in
+    serve(code, header, tensors, state)         calls the code: in its worker, or here for a built-in; SERVE
+                                                (`module:function`, optional) points the worker at a lighter
+                                                module holding the same function (the built-ins' are in serve.py)
     call(impl, target, case, ref)               the inputs out, the reply checked against the contract (Fault)
     not_run(case, ref)                          the comparison of a case the code gave no output for
     compare(target, case, ref, got)             [(check, Comparison)]: out, lse, gradients, ...

@@ -18,12 +18,14 @@ from dataclasses import dataclass
 import torch
 
 from harness.verify import kernels
+from harness.verify import serve as serve_fns
 from harness.verify.compare import compare as compare_tensors
 from harness.verify.compare import not_run as no_output
 from harness.verify.compare import within
 from harness.verify.contracts.layer import check_tensor
 from harness.verify.diagnosis import kernel as diagnosis
 from harness.verify.worker import Fault
+from impl import CORES
 
 NAME = "core"
 OPTION = "--core"
@@ -31,6 +33,8 @@ HELP = ("kernels: built-in names or module:function, attn(q, k, v, *, causal=Tru
         "-> out or (out, lse)")  # fmt: skip
 GRAD = "core_grad"
 FAULT_CHECK = "forward"
+SERVE = "harness.verify.serve:core"
+serve = serve_fns.core
 
 
 @dataclass(frozen=True)
@@ -45,8 +49,6 @@ THIS = sys.modules[__name__]  # the contract whose serve() runs the kernel
 
 
 def builtins() -> dict:
-    from impl import CORES  # lazy: impl imports triton, slow
-
     return CORES
 
 
@@ -60,12 +62,6 @@ def cases(target, ctx, impl) -> list:
 
 def reference(target, s, ctx, device="cpu") -> kernels.KernelCase:
     return kernels.reference(s, ctx.cache.setdefault(KERNELS.name, {}))
-
-
-def serve(fn, header: dict, t: dict, state: dict):
-    with torch.no_grad():
-        return fn(t["q"], t["k"], t["v"], causal=header["causal"], scale=header["scale"],
-                  attention_mask=t.get("attention_mask"))  # fmt: skip
 
 
 def run_kernel(impl, q, k, v, *, causal=True, scale=None, mask=None):

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
 from harness.verify import grads, kernels
+from harness.verify import serve as serve_fns
 from harness.verify.compare import not_run as no_output
 from harness.verify.contracts import core
 from harness.verify.contracts.layer_grad import check_grads
 from harness.verify.diagnosis.grad import diagnose_grads
+from harness.verify.serve import core_gradients
 
 NAME = "core_grad"
 OPTION = None
@@ -20,6 +20,8 @@ HELP = "the gradients of a kernel"
 GRAD = None
 FAULT_CHECK = "grad"
 THIS = sys.modules[__name__]  # the contract whose serve() computes the gradients
+SERVE = "harness.verify.serve:core_grad"
+serve = serve_fns.core_grad
 
 
 def builtins() -> dict:
@@ -47,22 +49,6 @@ def reference(target, s, ctx, device="cpu"):
                    grads.hf_kernel_grads(c.q, c.k, c.v, mask4, g, scale, s.dtype, float64=True),
                    grads.hf_kernel_grads(c.q, c.k, c.v, mask4, g, scale, s.dtype, path="sdpa"))
     return (c, g, *kc[key])
-
-
-def gradients(code, q, k, v, causal, scale, mask, g) -> list:
-    """Gradients of sum(out * g) w.r.t. q, k and v, where the code runs; also on the catalog's bugs."""
-    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    with torch.enable_grad():
-        value = code(q, k, v, causal=causal, scale=scale, attention_mask=mask)
-        out = value[0] if isinstance(value, tuple) else value
-        if not isinstance(out, torch.Tensor) or out.shape != g.shape:
-            return [out]
-        return list(torch.autograd.grad((out * g.to(out.dtype)).sum(), [q, k, v], allow_unused=True))
-
-
-def serve(code, header: dict, t: dict, state: dict):
-    return tuple(gradients(code, t["q"], t["k"], t["v"], header["causal"], header["scale"], t.get("attention_mask"),
-                           t["g"]))  # fmt: skip
 
 
 def call(impl, target, s, ref) -> dict:
@@ -97,7 +83,7 @@ def failing_names(failed: dict) -> list[str]:
 def diagnose(target, runs: dict, failed: dict, passing: list, impl, ctx):
     def suspect(bug, run: grads.GradRun):
         q, k, v, s, mask, g = run.inputs
-        out = gradients(bug.kernel(), q.double(), k.double(), v.double(), s.causal, s.scale, mask, g.double())
+        out = core_gradients(bug.kernel(), q.double(), k.double(), v.double(), s.causal, s.scale, mask, g.double())
         return dict(zip(("q", "k", "v"), out, strict=True))
 
     names = {n: [ch.removeprefix("grad_") for ch in checks] for n, checks in failed.items()}

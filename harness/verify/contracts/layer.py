@@ -13,7 +13,6 @@ The module contract (module.py) is this one with a factory instead of a function
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from harness.checkpoints.sources.base import half_split_to_interleaved
 from harness.common import UserError, compared_rows
 from harness.reference import Reference, Reference64
 from harness.verify import contracts
+from harness.verify import serve as serve_fns
 from harness.verify.compare import compare as compare_tensors
 from harness.verify.compare import not_run as no_output
 from harness.verify.diagnosis import layer as diagnosis
@@ -32,17 +32,18 @@ from harness.verify.diagnosis.evidence import Run
 from harness.verify.records import Row
 from harness.verify.scenarios import BY_NAME, select
 from harness.verify.worker import Fault
+from impl import IMPLEMENTATIONS
 
 NAME = "layer"
 OPTION = "--impl"
 HELP = "layers: built-in names or module:function (attention(x, weights, *, config, position_ids, attention_mask=None))"
 GRAD = "layer_grad"
 FAULT_CHECK = "forward"
+SERVE = "harness.verify.serve:layer"  # what a worker runs (serve.py: the worker need not import the judge)
+serve = serve_fns.layer
 
 
 def builtins() -> dict:
-    from impl import IMPLEMENTATIONS  # lazy: impl imports triton, slow
-
     return IMPLEMENTATIONS
 
 
@@ -131,15 +132,6 @@ def reference_rows(f: Fixture, scenarios: list, ctx, device="cpu") -> list[Row]:
 
 # ---------------------------------------------------------------------------------------------------------
 # the call
-
-
-def serve(fn, header: dict, t: dict, state: dict):
-    """In the worker (or here, for a built-in): the layer on fresh copies of the weights and config."""
-    key = header["key"]
-    w = {k: v.clone() for k, v in state["weights"][key].items()}
-    config = json.loads(json.dumps(state["configs"][key]))
-    with torch.no_grad():
-        return fn(t["x"], w, config=config, position_ids=t["position_ids"], attention_mask=t.get("attention_mask"))
 
 
 def in_layout(weights: dict, config: dict, layout: str) -> dict:

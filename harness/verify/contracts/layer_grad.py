@@ -4,7 +4,6 @@ the rule), diagnosed by diagnosis/grad.py."""
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
@@ -12,10 +11,12 @@ import torch
 from harness.checkpoints.format import Fixture
 from harness.checkpoints.sources.base import interleaved_to_half_split
 from harness.verify import grads
+from harness.verify import serve as serve_fns
 from harness.verify.compare import not_run as no_output
 from harness.verify.contracts import layer
 from harness.verify.contracts.layer import check_tensor, contract_error, in_layout, weights_in
 from harness.verify.diagnosis.grad import diagnose_grads
+from harness.verify.serve import GRAD_OF, layer_gradients
 from harness.verify.worker import Fault
 
 NAME = "layer_grad"
@@ -23,7 +24,8 @@ OPTION = None
 HELP = "the gradients of a layer or module"
 GRAD = None
 FAULT_CHECK = "grad"
-GRAD_OF = ("x", "q_proj", "k_proj", "v_proj", "o_proj")
+SERVE = "harness.verify.serve:layer_grad"
+serve = serve_fns.layer_grad
 THIS = sys.modules[__name__]  # the contract whose serve() computes the gradients
 
 
@@ -51,29 +53,6 @@ def reference(f: Fixture, s, ctx, device="cpu"):
                           grads.hf_layer_grads(f.config, f.weights, r.x, r.pos, r.mask, g, s.dtype, float64=True),
                           grads.hf_layer_grads(f.config, w, r.x, r.pos, r.mask, g, s.dtype, path="sdpa"))
     return (r, g, *ctx.cache[key])
-
-
-def gradients(code, kind: str, config: dict, w: dict, x, pos, mask, g) -> list:
-    """Gradients of sum(out * g) w.r.t. x and the four weights (None where nothing flows back), for a layer or a
-    module (built here, from weights that require grad, so a module that uses them directly gives their
-    gradients). Runs where the code runs; also on the catalog's bugs, as suspects."""
-    x = x.detach().clone().requires_grad_(True)
-    w = {k: v.detach().clone().requires_grad_(True) for k, v in w.items()}
-    with torch.enable_grad():
-        if kind == "module":
-            out = code(config, w)(x, pos, attention_mask=mask)
-        else:
-            out = code(x, w, config=config, position_ids=pos, attention_mask=mask)
-        if not isinstance(out, torch.Tensor) or out.shape != g.shape:
-            return [out]  # described and refused by the caller, like a forward output
-        wanted = [x] + [w[n] for n in GRAD_OF[1:]]
-        return list(torch.autograd.grad((out * g.to(out.dtype)).sum(), wanted, allow_unused=True))
-
-
-def serve(code, header: dict, t: dict, state: dict):
-    config = json.loads(json.dumps(state["configs"][header["key"]]))
-    return tuple(gradients(code, header["kind"], config, state["weights"][header["key"]], t["x"], t["position_ids"],
-                           t.get("attention_mask"), t["g"]))  # fmt: skip
 
 
 def layer_grad(impl, key: str, config: dict, weights: dict, x, pos, mask, g) -> dict:
@@ -139,7 +118,7 @@ def diagnose(f: Fixture, runs: dict, failed: dict, passing: list, impl, ctx):
     def suspect(bug, run: grads.GradRun):
         x, pos, mask, g = run.inputs
         w = {k: v.double() for k, v in f.weights.items()}
-        out = gradients(bug.layer(), "layer", f.config, w, x.double(), pos, mask, g.double())
+        out = layer_gradients(bug.layer(), "layer", f.config, w, x.double(), pos, mask, g.double())
         return dict(zip(GRAD_OF, out, strict=True))
 
     names = {n: [ch.removeprefix("grad_") for ch in checks] for n, checks in failed.items()}

@@ -8,10 +8,7 @@ build runs once per fixture and dtype (in the worker); everything else is the la
 
 from __future__ import annotations
 
-import json
-
-import torch
-
+from harness.verify import serve as serve_fns
 from harness.verify.contracts.layer import (  # noqa: F401 - the layer contract's steps, this contract's own
     FAULT_CHECK,
     call,
@@ -30,17 +27,9 @@ NAME = "module"
 OPTION = "--module"
 HELP = "modules: module:factory, build(config, weights) -> layer(x, position_ids, attention_mask=None)"
 GRAD = "layer_grad"
+SERVE = "harness.verify.serve:module"
+serve = serve_fns.module
 
 
 def builtins() -> dict:
     return {}
-
-
-def serve(build, header: dict, t: dict, state: dict):
-    """build(config, weights) once per weights key, then the layer it returned on these inputs."""
-    key = header["key"]
-    if key not in state["modules"]:
-        w = {k: v.clone() for k, v in state["weights"][key].items()}
-        state["modules"][key] = build(json.loads(json.dumps(state["configs"][key])), w)
-    with torch.no_grad():
-        return state["modules"][key](t["x"], t["position_ids"], attention_mask=t.get("attention_mask"))

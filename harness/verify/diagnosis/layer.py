@@ -22,6 +22,7 @@ import inspect
 from collections.abc import Callable
 
 import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from harness.bugs import catalog
 from harness.reference import Reference, additive_mask
@@ -72,8 +73,6 @@ def _stagewise(config, w, fn, runs) -> Diagnosis | None:
             return None
     except (TypeError, ValueError):
         return None
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # lazy: transformers is slow to import
-
     r = runs["short"]
     x, pos, mask = r.x.float(), r.pos, r.mask
     _, st = fn(x, w, config=config, position_ids=pos, attention_mask=mask, return_intermediates=True)

@@ -1,0 +1,83 @@
+"""How the built-in contracts call the code under test: the functions a worker runs (contracts name them in SERVE).
+
+They live apart from their contracts so that a worker imports torch and the user's code, not the judge
+(transformers, the references, the diagnosis): a worker starts in the time torch takes to import. Each takes
+(code, header, tensors, state): tensors already on the implementation's device; state holds the weights sent once
+per key (pristine: every call copies them), their config, and what a module contract built from them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+GRAD_OF = ("x", "q_proj", "k_proj", "v_proj", "o_proj")  # a layer's gradients, in the order they travel
+
+
+def _weights(header: dict, state: dict) -> tuple[dict, dict]:
+    key = header["key"]
+    return {k: v.clone() for k, v in state["weights"][key].items()}, json.loads(json.dumps(state["configs"][key]))
+
+
+def layer(code, header: dict, t: dict, state: dict):
+    """attention(x, weights, *, config, position_ids, attention_mask=None)"""
+    w, config = _weights(header, state)
+    with torch.no_grad():
+        return code(t["x"], w, config=config, position_ids=t["position_ids"], attention_mask=t.get("attention_mask"))
+
+
+def module(build, header: dict, t: dict, state: dict):
+    """build(config, weights) once per weights key, then layer(x, position_ids, attention_mask=None)."""
+    key = header["key"]
+    if key not in state["modules"]:
+        w, config = _weights(header, state)
+        state["modules"][key] = build(config, w)
+    with torch.no_grad():
+        return state["modules"][key](t["x"], t["position_ids"], attention_mask=t.get("attention_mask"))
+
+
+def core(code, header: dict, t: dict, state: dict):
+    """attn(q, k, v, *, causal=True, scale=None, attention_mask=None)"""
+    with torch.no_grad():
+        return code(t["q"], t["k"], t["v"], causal=header["causal"], scale=header["scale"],
+                    attention_mask=t.get("attention_mask"))  # fmt: skip
+
+
+def layer_gradients(code, kind: str, config: dict, w: dict, x, pos, mask, g) -> list:
+    """Gradients of sum(out * g) w.r.t. x and the four weights (None where nothing flows back), for a layer or a
+    module (built here, from weights that require grad, so a module that uses them directly gives their
+    gradients). Also run on the catalog's bugs, as suspects."""
+    x = x.detach().clone().requires_grad_(True)
+    w = {k: v.detach().clone().requires_grad_(True) for k, v in w.items()}
+    with torch.enable_grad():
+        if kind == "module":
+            out = code(config, w)(x, pos, attention_mask=mask)
+        else:
+            out = code(x, w, config=config, position_ids=pos, attention_mask=mask)
+        if not isinstance(out, torch.Tensor) or out.shape != g.shape:
+            return [out]  # described and refused by the caller, like a forward output
+        wanted = [x] + [w[n] for n in GRAD_OF[1:]]
+        return list(torch.autograd.grad((out * g.to(out.dtype)).sum(), wanted, allow_unused=True))
+
+
+def layer_grad(code, header: dict, t: dict, state: dict):
+    config = json.loads(json.dumps(state["configs"][header["key"]]))
+    return tuple(layer_gradients(code, header["kind"], config, state["weights"][header["key"]], t["x"],
+                                 t["position_ids"], t.get("attention_mask"), t["g"]))  # fmt: skip
+
+
+def core_gradients(code, q, k, v, causal, scale, mask, g) -> list:
+    """Gradients of sum(out * g) w.r.t. q, k and v; also run on the catalog's bugs."""
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    with torch.enable_grad():
+        value = code(q, k, v, causal=causal, scale=scale, attention_mask=mask)
+        out = value[0] if isinstance(value, tuple) else value
+        if not isinstance(out, torch.Tensor) or out.shape != g.shape:
+            return [out]
+        return list(torch.autograd.grad((out * g.to(out.dtype)).sum(), [q, k, v], allow_unused=True))
+
+
+def core_grad(code, header: dict, t: dict, state: dict):
+    return tuple(core_gradients(code, t["q"], t["k"], t["v"], header["causal"], header["scale"],
+                                t.get("attention_mask"), t["g"]))  # fmt: skip
