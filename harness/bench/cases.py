@@ -84,8 +84,8 @@ def io_model(s: Shape, n: int, *, sram: int = H100_SMEM, elsize: int = 4) -> tup
     M = sram // elsize
     bc = math.ceil(M / (4 * s.d))
     naive = 4 * n * s.d + 4 * n * n
-    tiled = 2 * n * s.d + math.ceil(n / bc) * (3 * n * s.d + 4 * n)
-    return float(naive * s.H * s.B * elsize), float(tiled * s.H * s.B * elsize)
+    flash = 2 * n * s.d + math.ceil(n / bc) * (3 * n * s.d + 4 * n)
+    return float(naive * s.H * s.B * elsize), float(flash * s.H * s.B * elsize)
 
 
 def triton_traffic(s: Shape, n: int) -> dict:
