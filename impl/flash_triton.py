@@ -1,4 +1,4 @@
-"""FlashAttention-2 forward as a Triton kernel, in the manner of Triton's tutorial 06-fused-attention.py.
+"""FlashAttention-2 forward and backward as Triton kernels, in the manner of Triton's tutorial 06-fused-attention.py.
 
 One program computes one block of BLOCK_M query rows of one (batch, head): it loads its Q block once, then streams
 over the K/V blocks the block can see, keeping per row a running max m, a running sum l of exp(s - m) and an
@@ -27,21 +27,18 @@ Backward: two more kernels (dK/dV per key block, dQ per query block) recompute P
 with the forward in a torch.autograd.Function, so `core` and `attention` are differentiable.
 
 Where it runs: tensors on a CUDA device run the compiled kernels; CPU tensors run them in Triton's interpreter
-(numpy, one program at a time: slow, but exact enough to verify the kernels and to count their memory traffic, see
-harness/bench/kernel_traffic.py). See `interpreted` for how the interpreter is selected. `traffic_model` gives the bytes
-the forward kernel's block schedule moves, in closed form.
+(numpy, one program at a time: slow, but exact enough to verify the kernels and to count their memory traffic).
+impl/triton_cpu.py holds that plumbing (and the deferred @triton_cpu.jit: importing this module does not import
+triton); the bench's closed form of the forward's traffic is harness/bench/triton_traffic.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import sys
-from pathlib import Path
 
-import numpy as np
 import torch
 
+from impl import triton_cpu
 from impl.gqa import groups
 from impl.projection import heads, output, project_qkv
 
@@ -55,14 +52,16 @@ BLOCK_M = 64  # query rows per program
 BLOCK_N = 64  # keys per inner-loop tile
 MASK_DTYPE = torch.int8  # the padding mask as the kernel reads it: 1 byte per key
 
-tl = None  # triton.language, bound on first use by _load(): importing triton is optional and takes a moment
+# triton.language: None until the first launch's triton_cpu.load() imports triton (slow) and decorates the
+# @triton_cpu.jit functions below with triton.jit, rebinding their names here so they call one another decorated
+tl = None
 
 
 # --------------------------------------------------------------------------------------------------------------
-# the kernel (plain functions here; _load() decorates them with triton.jit and rebinds these names, so the calls
-# between them resolve to the decorated versions)
+# the forward kernel
 
 
+@triton_cpu.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q,  # running state (float32) and this program's Q block
     k_ptrs, v_ptrs, mask_ptrs,  # K^T (D_PAD, BLOCK_N), V (BLOCK_N, D_PAD), mask (BLOCK_N,) pointers at key 0
@@ -118,6 +117,7 @@ def _attn_fwd_inner(
     return acc, l_i, m_i
 
 
+@triton_cpu.jit
 def _cast(x, dtype, EMULATE_BF16: tl.constexpr):
     """float32 x converted to dtype, as a tl.dot operand (P, dS) or for a store (out, dq, dk, dv). In the interpreter
     with bfloat16: rounded to bfloat16 values by hand and kept in float32 (see _round_bf16); a store's conversion
@@ -127,6 +127,7 @@ def _cast(x, dtype, EMULATE_BF16: tl.constexpr):
     return x.to(dtype)
 
 
+@triton_cpu.jit
 def _round_bf16(x):
     """float32 -> the nearest bfloat16 value (ties to even), as float32, by integer arithmetic on the bits.
 
@@ -140,6 +141,7 @@ def _round_bf16(x):
     return bits.to(tl.float32, bitcast=True)
 
 
+@triton_cpu.jit
 def _fwd_kernel(
     Q, K, V, Mask, Out, Lse,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -222,6 +224,7 @@ def _fwd_kernel(
 # over key blocks as the forward does. Every tile is masked here (simpler; the forward shows the two-stage split).
 
 
+@triton_cpu.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, Mask, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -303,6 +306,7 @@ def _bwd_dkdv_kernel(
     tl.store(dv_ptrs, _cast(dv, DV.dtype.element_ty, EMULATE_BF16), mask=kv_ok)
 
 
+@triton_cpu.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, Mask, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -374,203 +378,32 @@ def _bwd_dq_kernel(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# compiled or interpreted
-
-_KERNELS = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")  # launched from the host
-_JIT_NAMES = ("_attn_fwd_inner", "_cast", "_round_bf16", *_KERNELS)  # this module's @triton.jit functions
-_STD_NAMES = ("max", "sum")  # triton.language functions the kernel calls that are themselves @triton.jit
-_twins: dict = {}  # Python function -> its interpreted decoration
+# host side: launches, the autograd Function, the contracts
 
 
-def _load():
-    """Import triton (once) and decorate the kernel functions with triton.jit, in the process's own mode."""
-    global tl
-    if tl is None:
-        import triton
-        import triton.language
-
-        module = sys.modules[__name__]
-        for name in _JIT_NAMES:
-            setattr(module, name, triton.jit(getattr(module, name)))
-        tl = triton.language
-    return tl
-
-
-def _compiled(f) -> bool:
-    from triton.runtime.jit import JITFunction
-
-    return isinstance(f, JITFunction)
-
-
-def interpreted(f):
-    """`f` (a Python function or a @triton.jit function) decorated for Triton's interpreter.
-
-    Triton decides between compiling and interpreting when a function is decorated: triton.jit reads
-    triton.knobs.runtime.interpret (the TRITON_INTERPRET variable) and returns a JITFunction or an
-    InterpretedFunction; nothing at launch looks at the variable again (triton 3.9's runtime/jit.py, `jit`). So
-    setting TRITON_INTERPRET=1 once triton is imported changes nothing for functions already decorated, among them
-    triton.language's own @jit functions (tl.max, tl.sum, decorated when triton.language is imported), which the
-    interpreter cannot call ("Cannot call @triton.jit'd outside of the scope of a kernel").
-
-    Hence: the interpreted version is made by decorating the same Python function again with TRITON_INTERPRET=1
-    set only for that call (knobs.runtime.scope() restores the knob and the variable after it), and a launch
-    swaps the kernel's callees for interpreted versions just as long as it runs (`_interpreter_scope`). This works
-    whether or not triton was imported before, in either mode, and leaves the process's mode as it was: other
-    kernels still compile on a GPU, and TRITON_INTERPRET is never left set.
-    """
-    import triton
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if isinstance(f, InterpretedFunction):  # TRITON_INTERPRET=1 was already set when f was decorated
-        return f
-    fn = getattr(f, "fn", f)  # a JITFunction keeps the Python function as .fn
-    if fn not in _twins:
-        with triton.knobs.runtime.scope():
-            triton.knobs.runtime.interpret = True  # also sets os.environ["TRITON_INTERPRET"] = "1", until restored
-            _twins[fn] = triton.jit(fn)
-    return _twins[fn]
-
-
-@contextlib.contextmanager
-def _interpreter_scope():
-    """For interpreted launches: the kernels' callees swapped for interpreted versions.
-
-    The callees are the interpreter's own rewriting of each function (InterpretedFunction.rewrite()), called
-    directly rather than as InterpretedFunctions: an InterpretedFunction called from a kernel re-patches
-    triton.language on every call (milliseconds, twice per tile for tl.max and tl.sum) and leaves
-    triton.language.core patched afterwards, which would break a later compiled kernel in the same process. The
-    launch itself has already patched everything these functions use (tl.*, tensor methods, tl.core.reduce).
-    Restored on exit.
-    """
-    module = sys.modules[__name__]
-    swaps = [(tl, n) for n in _STD_NAMES] + [(module, n) for n in _JIT_NAMES if n not in _KERNELS]
-    saved = [(obj, name, getattr(obj, name)) for obj, name in swaps]
-    try:
-        for obj, name, f in saved:
-            setattr(obj, name, interpreted(f).rewrite())
-        with np.errstate(divide="ignore"), _one_blas_thread():  # log(0) = -inf for rows that see no key: intended
-            yield
-    finally:
-        for obj, name, f in saved:
-            setattr(obj, name, f)
-
-
-@contextlib.contextmanager
-def _one_blas_thread():
-    """numpy's OpenBLAS on one thread while the interpreter runs (restored after; a no-op if it is not found).
-
-    The interpreter computes each tile's tl.dot with np.matmul on BLOCK x d operands: thousands of tiny products,
-    for which BLAS threads only add synchronisation, and on a machine busy with other processes every product waits
-    for a thread to be scheduled (orders of magnitude slower). OPENBLAS_NUM_THREADS=1 only works if set before
-    numpy is imported; this sets the thread count through OpenBLAS's own API instead.
-    """
-    fns = _openblas_threads()
-    if fns is None:
-        yield
-        return
-    get, set_ = fns
-    before = get()
-    set_(1)
-    try:
-        yield
-    finally:
-        set_(before)
-
-
-@functools.cache
-def _openblas_threads():
-    """(get, set) of numpy's bundled OpenBLAS thread count, or None."""
-    import ctypes
-
-    root = Path(np.__file__).parent
-    for lib in [*root.parent.glob("numpy.libs/*openblas*"), *root.glob(".dylibs/*openblas*")]:
-        try:
-            so = ctypes.CDLL(str(lib))  # already loaded by numpy: the same library, not a second copy
-        except OSError:
-            continue
-        for prefix, suffix in (("scipy_openblas_", "64_"), ("scipy_openblas_", ""), ("openblas_", "")):
-            get, set_ = (getattr(so, f"{prefix}{op}_num_threads{suffix}", None) for op in ("get", "set"))
-            if get is not None and set_ is not None:
-                set_.argtypes = [ctypes.c_int]
-                return get, set_
-    return None
-
-
-# --------------------------------------------------------------------------------------------------------------
-# host side
-
-
-def _run(name, grid, *args, interpret, d, dtype, **constexprs):
-    """Launch kernel `name` of this module: compiled, or in the interpreter (with its callees swapped in)."""
+def _launch(kernel, grid, *args, interpret, d, dtype, **constexprs):
+    """kernel[grid](*args): compiled, or in the interpreter (impl/triton_cpu.py)."""
     constexprs.update(
         HEAD_DIM=d,
         D_PAD=max(16, 1 << (d - 1).bit_length()),  # a power of two (tl.arange), >= 16 (tl.dot on a GPU)
         EMULATE_BF16=interpret and dtype == torch.bfloat16,  # see _round_bf16
         PRECISION="ieee" if dtype == torch.float32 else "tf32",  # float32: exact products, not TF32's 10 bits
     )
-    kernel = getattr(sys.modules[__name__], name)
     if interpret:
-        with _interpreter_scope():
-            interpreted(kernel)[grid](*args, **constexprs)
+        triton_cpu.launch_interpreted(kernel, grid, *args, **constexprs)
     else:  # 4 warps for d <= 64, 8 above (tutorial 06's autotune range): the Q and acc tiles grow with d
         kernel[grid](*args, **constexprs, num_warps=4 if d <= 64 else 8, num_stages=2)
 
 
 def _interpret(q) -> bool:
-    """CUDA tensors run compiled, unless TRITON_INTERPRET=1 was set before triton was imported; CPU tensors in the
-    interpreter."""
-    _load()
-    return not (q.is_cuda and _compiled(_fwd_kernel))
+    """Load the kernels (triton is imported on the first launch). CUDA tensors run compiled, unless
+    TRITON_INTERPRET=1 was set before triton was imported; CPU tensors in the interpreter."""
+    triton_cpu.load(sys.modules[__name__])
+    return not (q.is_cuda and triton_cpu.compiled(_fwd_kernel))
 
 
 def _mask_strides(keep):
     return keep.stride() if keep is not None else (0, 0)
-
-
-def _forward(q, k, v, keep, causal, scale, block_m, block_n):
-    """(out, lse): the forward kernel on validated inputs; keep is None or (B, Sk) int8."""
-    B, H, Sq, d = q.shape
-    out = torch.empty_like(q)  # (B, H, Sq, d)
-    lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)  # (B, H, Sq)
-    if q.numel() == 0:
-        return out, lse.fill_(float("-inf"))
-    _run(
-        "_fwd_kernel", (-(-Sq // block_m), B * H),  # (query blocks, batch * heads)
-        q, k, v, keep, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_mask_strides(keep),
-        H, H // k.shape[1], Sq, k.shape[2], scale,
-        interpret=_interpret(q), d=d, dtype=q.dtype,
-        CAUSAL=causal, HAS_MASK=keep is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-    )  # fmt: skip
-    return out, lse
-
-
-def _backward(do, dlse, q, k, v, out, lse, keep, causal, scale, block_m, block_n):
-    """(dq, dk, dv) from the output's gradient do (and lse's, dlse)."""
-    B, H, Sq, d = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    delta = (do.float() * out.float()).sum(-1)  # (B, H, Sq): rowsum(dO * O) = rowsum(P * dP)
-    if dlse is not None:
-        delta = delta - dlse
-    delta = torch.where(torch.isneginf(lse), 0.0, delta).contiguous()  # rows that see no key: P = 0, keep it finite
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    if q.numel() == 0 or k.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    common = dict(
-        interpret=_interpret(q), d=d, dtype=q.dtype,
-        CAUSAL=causal, HAS_MASK=keep is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-    )  # fmt: skip
-    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    _run(
-        "_bwd_dkdv_kernel", (-(-Sk // block_n), B * Hkv),  # (key blocks, batch * KV heads)
-        q, k, v, do, lse, delta, keep, dk, dv, *strides, *dk.stride(), *dv.stride(), *_mask_strides(keep),
-        H, H // Hkv, Sq, Sk, scale, **common,
-    )  # fmt: skip
-    _run(
-        "_bwd_dq_kernel", (-(-Sq // block_m), B * H),  # (query blocks, batch * heads)
-        q, k, v, do, lse, delta, keep, dq, *strides, *dq.stride(), *_mask_strides(keep),
-        H, H // Hkv, Sq, Sk, scale, **common,
-    )  # fmt: skip
-    return dq, dk, dv
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -578,7 +411,21 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, keep, causal, scale, block_m, block_n):
-        out, lse = _forward(q, k, v, keep, causal, scale, block_m, block_n)
+        # keep: None or (B, Sk) int8, on validated inputs
+        B, H, Sq, d = q.shape
+        out = torch.empty_like(q)  # (B, H, Sq, d)
+        lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)  # (B, H, Sq)
+        if q.numel() == 0:
+            lse.fill_(float("-inf"))
+        else:
+            interpret = _interpret(q)
+            _launch(
+                _fwd_kernel, (-(-Sq // block_m), B * H),  # (query blocks, batch * heads)
+                q, k, v, keep, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_mask_strides(keep),
+                H, H // k.shape[1], Sq, k.shape[2], scale,
+                interpret=interpret, d=d, dtype=q.dtype,
+                CAUSAL=causal, HAS_MASK=keep is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+            )  # fmt: skip
         ctx.save_for_backward(q, k, v, out, lse, keep)
         ctx.args = (causal, scale, block_m, block_n)
         return out, lse
@@ -587,7 +434,33 @@ class _FlashAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dlse):
         q, k, v, out, lse, keep = ctx.saved_tensors
-        dq, dk, dv = _backward(do, dlse, q, k, v, out, lse, keep, *ctx.args)
+        causal, scale, block_m, block_n = ctx.args
+        B, H, Sq, d = q.shape
+        Hkv, Sk = k.shape[1], k.shape[2]
+        delta = (do.float() * out.float()).sum(-1)  # (B, H, Sq): rowsum(dO * O) = rowsum(P * dP)
+        if dlse is not None:
+            delta = delta - dlse
+        # rows that see no key: P = 0 there, delta kept finite
+        delta = torch.where(torch.isneginf(lse), 0.0, delta).contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        if q.numel() == 0 or k.numel() == 0:
+            return dq.zero_(), dk.zero_(), dv.zero_(), None, None, None, None, None
+        interpret = _interpret(q)
+        common = dict(
+            interpret=interpret, d=d, dtype=q.dtype,
+            CAUSAL=causal, HAS_MASK=keep is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        )  # fmt: skip
+        strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+        _launch(
+            _bwd_dkdv_kernel, (-(-Sk // block_n), B * Hkv),  # (key blocks, batch * KV heads)
+            q, k, v, do, lse, delta, keep, dk, dv, *strides, *dk.stride(), *dv.stride(), *_mask_strides(keep),
+            H, H // Hkv, Sq, Sk, scale, **common,
+        )  # fmt: skip
+        _launch(
+            _bwd_dq_kernel, (-(-Sq // block_m), B * H),  # (query blocks, batch * heads)
+            q, k, v, do, lse, delta, keep, dq, *strides, *dq.stride(), *_mask_strides(keep),
+            H, H // Hkv, Sq, Sk, scale, **common,
+        )  # fmt: skip
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -624,55 +497,3 @@ def attention(x, weights, *, config, position_ids, attention_mask=None, block_m=
     q, k, v = project_qkv(x, weights, config, position_ids)  # (B, H, S, d), (B, Hkv, S, d) x2
     ctx, _ = core(q, k, v, attention_mask=attention_mask, block_m=block_m, block_n=block_n)  # (B, H, S, d)
     return output(ctx, weights)  # (B, S, D)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# the kernel's global-memory traffic
-
-
-def keys_seen(Sq: int, Sk: int, *, causal: bool, block_m: int) -> int:
-    """Sum over query blocks of hi, the keys a block loads (0 .. hi-1), in closed form.
-
-    hi_i = min(Sk, max(0, Sk - Sq + (i+1) block_m)) causal, Sk otherwise, for query blocks i = 0 .. n-1,
-    n = ceil(Sq / block_m). Causal: the last block has hi = Sk; the first z = max(0, (Sq - Sk) // block_m) blocks
-    (only when Sq > Sk) see nothing; the others are an arithmetic series.
-    """
-    n = -(-Sq // block_m)
-    if not causal or n == 0:
-        return n * Sk
-    offset = Sk - Sq
-    z = max(0, (Sq - Sk) // block_m)  # blocks i with (i+1) block_m <= Sq - Sk
-    mid = n - 1 - z  # blocks z .. n-2: hi_i = offset + (i+1) block_m
-    return Sk + mid * offset + block_m * ((n - 1) * n // 2 - z * (z + 1) // 2)
-
-
-def traffic_model(B, H, Hkv, Sq, Sk, d, *, dtype, causal, block_m=BLOCK_M, block_n=BLOCK_N, has_mask=False) -> dict:
-    """Bytes (and load/store calls) the kernel's block schedule moves to and from global memory.
-
-    Per program (query block i of one batch and head): its Q rows once (rows < Sq, d lanes each: padded lanes
-    are masked off); the keys 0 .. hi_i - 1 of K and of V (stage-1 tiles whole, stage-2 tiles masked to keys <
-    hi_i: the tiles cover exactly hi_i keys, so block_n does not change the bytes, only the number of loads); the
-    padding mask over the same keys (1 byte each); out (rows x d, q's dtype) and lse (rows x 4 bytes) stored once.
-    GQA does not change the count: each program reads its KV head's blocks itself (no repeated K/V in memory;
-    re-reads by the g heads of a group are counted as reads, as a GPU issues them, whether or not L2 serves them).
-    Hkv is accepted for the signature's sake. Exact for the kernel as written: tests compare it with
-    harness.bench.kernel_traffic's count of the interpreted kernel.
-    """
-    groups(H, Hkv)
-    size = torch.empty((), dtype=dtype).element_size()
-    keys = keys_seen(Sq, Sk, causal=causal, block_m=block_m)
-    per_head_loads = Sq * d * size + 2 * keys * d * size + (keys * MASK_DTYPE.itemsize if has_mask else 0)
-    per_head_stores = Sq * (d * size + 4)
-    n = -(-Sq // block_m)
-    tiles = sum(-(-_hi(i, Sq, Sk, causal, block_m) // block_n) for i in range(n))  # K, V (and mask) loads
-    return {
-        "load_bytes": B * H * per_head_loads,
-        "store_bytes": B * H * per_head_stores,
-        "load_calls": B * H * (n + tiles * (3 if has_mask else 2)),
-        "store_calls": B * H * 2 * n,
-    }
-
-
-def _hi(i, Sq, Sk, causal, block_m):
-    """One past the last key query block i loads (the kernel's `hi`)."""
-    return min(max(Sk - Sq + (i + 1) * block_m, 0), Sk) if causal else Sk

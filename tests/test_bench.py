@@ -149,15 +149,15 @@ def test_backward_plan_counts_the_forward_state(monkeypatch):
     pred = plan.predict("naive", s, 256, cfg, "backward")
     assert pred.held >= 2 * F * s.H * 256 * 256  # naive keeps S x S tensors (scores, probabilities) for its backward
     free = pred.tensor_peak + pred.held // 2  # the call alone would fit, with its forward state it does not
-    monkeypatch.setattr(plan, "_meminfo", lambda key: free)
+    monkeypatch.setattr(plan, "meminfo", lambda key: free)
     why, _ = plan.plan("naive", s, 256, cfg, None, calls=1, max_s=1e9, mem_fraction=1.0, direction="backward")
     assert "cannot run" in why and "forward state" in why
-    monkeypatch.setattr(plan, "_meminfo", lambda key: pred.tensor_peak + pred.held)
+    monkeypatch.setattr(plan, "meminfo", lambda key: pred.tensor_peak + pred.held)
     assert plan.plan("naive", s, 256, cfg, None, calls=1, max_s=1e9, mem_fraction=1.0, direction="backward")[0] == ""
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not meter._can_reset_hwm(), reason="needs Linux /proc/self/clear_refs (VmHWM reset)")
+@pytest.mark.skipif(not meter.can_reset_hwm(), reason="needs Linux /proc/self/clear_refs (VmHWM reset)")
 def test_peak_rss_sees_an_allocation():
     big = cases.Case("big", lambda: torch.ones(50 * 2**20), 0.0)  # 200 MiB, written
     small = cases.Case("small", lambda: torch.ones(1000), 0.0)
@@ -187,7 +187,7 @@ def test_io_model_and_flops():
     assert cases.core_flops(s, 128) == 4 * 32 * 64 * 128 * 129 / 2
 
 
-@pytest.mark.slow  # 10 s: roofline, runs, matplotlib (keeps make test-fast under 2 min)
+@pytest.mark.slow  # roofline, runs, matplotlib: too slow for make test-fast
 def test_cli_rows_json_and_plot(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_run, "MIN_TIMED_S", 0.0)  # the runs asked for, not 2 s of them (the roofline is real)
     out, png = tmp_path / "b.json", tmp_path / "b.png"
@@ -205,9 +205,9 @@ def test_cli_rows_json_and_plot(tmp_path, monkeypatch):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.slow  # 3 s each (keeps make test-fast under 2 min)
+@pytest.mark.slow  # a bench run: too slow for make test-fast
 def test_what_cannot_run_is_computed_and_labelled(tmp_path, monkeypatch, no_roofline):
-    monkeypatch.setattr(plan, "_meminfo", lambda key: 3 * 10**6)  # "3 MB free": naive's scores do not fit
+    monkeypatch.setattr(plan, "meminfo", lambda key: 3 * 10**6)  # "3 MB free": naive's scores do not fit
     out = tmp_path / "b.json"
     assert report.main(["--seq", "256", "--impl", "naive,sdpa", "--runs", "1", "--json", str(out)]) == 0
     naive, sdpa = json.loads(out.read_text())
@@ -217,7 +217,7 @@ def test_what_cannot_run_is_computed_and_labelled(tmp_path, monkeypatch, no_roof
     assert sdpa["ran"] is True  # fused: O(S d), never planned out
 
 
-@pytest.mark.slow  # 10 s: roofline, runs, matplotlib (keeps make test-fast under 2 min)
+@pytest.mark.slow  # roofline, runs, matplotlib: too slow for make test-fast
 def test_time_budget_skips_and_says_so(tmp_path, no_roofline):
     out = tmp_path / "b.json"
     assert report.main(["--seq", "128,1024", "--impl", "naive", "--runs", "1", "--max-config-s", "0.001",
@@ -238,7 +238,7 @@ def test_bad_arguments_one_line_exit_2(args, says, capsys):
     assert says in one_line_error(capsys.readouterr().err)
 
 
-@pytest.mark.slow  # 3 s each (keeps make test-fast under 2 min)
+@pytest.mark.slow  # a subprocess that imports torch: too slow for make test-fast
 def test_bad_argument_from_the_command_line():
     p = run(["scripts/bench.py", "--impl", "tiled,flash9"], timeout=120)
     assert p.returncode == 2

@@ -1,5 +1,6 @@
-"""impl.flash_triton (FlashAttention-2 kernels in Triton: forward and backward) run in Triton's interpreter, and
-harness.bench.kernel_traffic (the bytes a kernel moves, counted in the interpreter).
+"""impl.flash_triton (FlashAttention-2 kernels in Triton: forward and backward) run in Triton's interpreter
+(impl.triton_cpu), harness.bench.kernel_traffic (the bytes a kernel moves, counted in the interpreter) and
+harness.bench.triton_traffic (the closed form of the forward kernel's traffic).
 
 Covers: the counter on vector add (exact bytes: masked lanes excluded, an unmasked load counts every lane, element
 sizes; the interpreter restored on exit, also on error); the kernel's counted traffic == traffic_model exactly
@@ -35,7 +36,9 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from harness.bench.kernel_traffic import count  # noqa: E402
+from harness.bench.triton_traffic import block_hi, keys_seen, traffic_model  # noqa: E402
 from impl import flash_triton as ft  # noqa: E402
+from impl import triton_cpu  # noqa: E402
 
 F32_TOL = 1e-5  # float32, outputs O(1): measured errors are ~1e-6 (printed with -s)
 
@@ -92,7 +95,7 @@ def test_counter_vector_add_masked():
     x, y = torch.rand(1000), torch.rand(1000)
     out = torch.empty(1000)
     with count() as t:
-        ft.interpreted(_add)[(4,)](x, y, out, 1000, BLOCK=256)
+        triton_cpu.interpreted(_add)[(4,)](x, y, out, 1000, BLOCK=256)
     assert torch.equal(out, x + y)
     assert (t.load_bytes, t.store_bytes, t.load_calls, t.store_calls) == (8000, 4000, 8, 4)
     assert t.total_bytes == 12000
@@ -103,7 +106,7 @@ def test_counter_unmasked_counts_every_lane(dtype, size):
     x, y = torch.ones(1024, dtype=dtype), torch.ones(1024, dtype=dtype)
     out = torch.empty(1024, dtype=dtype)
     with count() as t:
-        ft.interpreted(_copy_unmasked)[(4,)](x, y, out, BLOCK=256)
+        triton_cpu.interpreted(_copy_unmasked)[(4,)](x, y, out, BLOCK=256)
     assert (out.float() == 1).all()
     assert (t.load_bytes, t.store_bytes, t.load_calls, t.store_calls) == (2 * 1024 * size, 1024 * size, 8, 4)
 
@@ -118,7 +121,7 @@ def test_counter_restores_the_interpreter():
     assert {n: getattr(IB, n) for n in before} == before
     x = torch.rand(10)
     with count() as t:
-        ft.interpreted(_add)[(1,)](x, x, torch.empty(10), 10, BLOCK=16)
+        triton_cpu.interpreted(_add)[(1,)](x, x, torch.empty(10), 10, BLOCK=16)
     assert (t.load_bytes, t.store_bytes) == (80, 40)
 
 
@@ -143,7 +146,7 @@ def test_counted_traffic_equals_model(case):
     mask = padding_mask(Sk, [Sk // 3] + [0] * (B - 1)) if has_mask else None
     with count() as t:
         out, lse = ft.core(q, k, v, causal=causal, attention_mask=mask, block_m=bm, block_n=bn)
-    want = ft.traffic_model(B, H, Hkv, Sq, Sk, d, dtype=dtype, causal=causal, block_m=bm, block_n=bn, has_mask=has_mask)
+    want = traffic_model(B, H, Hkv, Sq, Sk, d, dtype=dtype, causal=causal, block_m=bm, block_n=bn, has_mask=has_mask)
     got = {"load_bytes": t.load_bytes, "store_bytes": t.store_bytes, "load_calls": t.load_calls}
     assert got | {"store_calls": t.store_calls} == want
     # and the output is right
@@ -157,10 +160,10 @@ def test_keys_seen_closed_form():
         for Sk in range(1, 70, 4):
             for bm in (1, 4, 16, 64):
                 for causal in (True, False):
-                    per_block = sum(ft._hi(i, Sq, Sk, causal, bm) for i in range(-(-Sq // bm)))
-                    assert ft.keys_seen(Sq, Sk, causal=causal, block_m=bm) == per_block, (Sq, Sk, bm, causal)
+                    per_block = sum(block_hi(i, Sq, Sk, causal, bm) for i in range(-(-Sq // bm)))
+                    assert keys_seen(Sq, Sk, causal=causal, block_m=bm) == per_block, (Sq, Sk, bm, causal)
     # block_n never changes the bytes, only the number of loads
-    a, b = (ft.traffic_model(1, 32, 8, 4096, 4096, 64, dtype=torch.bfloat16, causal=True, block_n=n) for n in (32, 128))
+    a, b = (traffic_model(1, 32, 8, 4096, 4096, 64, dtype=torch.bfloat16, causal=True, block_n=n) for n in (32, 128))
     assert (a["load_bytes"], a["store_bytes"]) == (b["load_bytes"], b["store_bytes"])
     assert a["load_calls"] > b["load_calls"]
 
@@ -542,7 +545,7 @@ def test_llama_shapes_long_and_traffic():
     note(f"triton seq-{n} spot rows vs float64", maxerr(out[0, :, rows], want))
     torch.testing.assert_close(out[0, :, rows].double(), want, atol=F32_TOL, rtol=F32_TOL)
     torch.testing.assert_close(lse[0, :, rows].double(), torch.logsumexp(s, -1), atol=F32_TOL, rtol=F32_TOL)
-    want = ft.traffic_model(1, 32, 8, n, n, 64, dtype=torch.float32, causal=True)
+    want = traffic_model(1, 32, 8, n, n, 64, dtype=torch.float32, causal=True)
     assert (t.load_bytes, t.store_bytes) == (want["load_bytes"], want["store_bytes"])
 
 
@@ -562,7 +565,7 @@ def test_compiles_for_a_gpu(name, dtype, d, causal, has_mask):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    ft._load()
+    triton_cpu.load(ft)
     fn = getattr(ft, name)
     if type(fn).__name__ != "JITFunction":
         pytest.skip("TRITON_INTERPRET=1 is set: no compiled kernel in this process")

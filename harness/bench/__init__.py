@@ -3,8 +3,9 @@
     meter.py           the instrument: bytes at aten op boundaries, tensor bytes alive, resident-set (or CUDA) peak,
                        the clocks (wall clock; CUDA events)
     kernel_traffic.py  the bytes a Triton kernel loads and stores, counted in Triton's interpreter
+    triton_traffic.py  the bytes impl/flash_triton.py's forward kernel moves, in closed form
     cases.py           the calls measured (ours and transformers'; forward, and the backward call alone), their
-                       FLOPs, the FlashAttention IO model, the Triton kernel's traffic in closed form
+                       FLOPs, the FlashAttention IO model, the Triton kernel's traffic at the bench's shapes
     plan.py            can a configuration run here (memory computed on the meta device, time projected)?
     run.py             measure every planned configuration
     report.py          the table, the targets, the JSON, the figure, the docs block; the command line

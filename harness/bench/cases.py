@@ -2,7 +2,8 @@
 timing): naive, loop, tiled, sdpa, triton (ours) and transformers' eager and sdpa attention functions (anchors);
 plus the whole layer (projections included) for tiled and for transformers' LlamaAttention. Backward cases: the
 gradient call alone, on a forward state and an output gradient prepared outside the timing. Their useful FLOPs, the
-FlashAttention paper's IO model to draw beside the measured traffic, and the Triton kernel's traffic in closed form.
+FlashAttention paper's IO model to draw beside the measured traffic, and the Triton kernel's traffic in closed form
+(triton_traffic.py) at the bench's shapes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from pathlib import Path
 import torch
 
 from harness.bench.meter import Meter
+from harness.bench.triton_traffic import traffic_model
 from harness.common import FIXTURES_DIR, UserError
+from impl import CORES, context_of, tiled
 
 CONFIG = FIXTURES_DIR / "llama-3.2-1b" / "config.json"
 CORE = ("naive", "loop", "tiled", "sdpa", "triton", "hf_eager", "hf_sdpa")
@@ -81,16 +84,14 @@ def io_model(s: Shape, n: int, *, sram: int = H100_SMEM, elsize: int = 4) -> tup
     M = sram // elsize
     bc = math.ceil(M / (4 * s.d))
     naive = 4 * n * s.d + 4 * n * n
-    tiled = 2 * n * s.d + math.ceil(n / bc) * (3 * n * s.d + 4 * n)
-    return float(naive * s.H * s.B * elsize), float(tiled * s.H * s.B * elsize)
+    flash = 2 * n * s.d + math.ceil(n / bc) * (3 * n * s.d + 4 * n)
+    return float(naive * s.H * s.B * elsize), float(flash * s.H * s.B * elsize)
 
 
 def triton_traffic(s: Shape, n: int) -> dict:
     """The Triton kernel's global loads and stores at seq n (float32, causal, its default blocks), in closed form:
-    impl.flash_triton.traffic_model, exact against kernel_traffic's count of the interpreted kernel."""
-    from impl import flash_triton
-
-    return flash_triton.traffic_model(s.B, s.H, s.Hkv, n, n, s.d, dtype=torch.float32, causal=True)
+    triton_traffic.traffic_model, exact against kernel_traffic's count of the interpreted kernel."""
+    return traffic_model(s.B, s.H, s.Hkv, n, n, s.d, dtype=torch.float32, causal=True)
 
 
 def triton_alloc(s: Shape, n: int) -> int:
@@ -151,8 +152,6 @@ def make_case(name: str, s: Shape, n: int, cfg: dict, device="cpu", seed: int = 
 
 
 def _layer_case(name: str, s: Shape, n: int, cfg: dict, device, rand) -> Case:
-    from impl import tiled
-
     x = rand(s.B, n, s.D)
     w = {
         "q_proj": rand(s.H * s.d, s.D, std=0.02),
@@ -163,8 +162,8 @@ def _layer_case(name: str, s: Shape, n: int, cfg: dict, device, rand) -> Case:
     pos = torch.arange(n, device=device)[None].expand(s.B, n)
     if name == "layer_tiled":
         return Case(name, lambda: tiled.attention(x, w, config=cfg, position_ids=pos), layer_flops(s, n))
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+    from transformers import LlamaConfig  # lazy: transformers is slow to import
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding  # lazy: as above
 
     conf = LlamaConfig(**{k: v for k, v in cfg.items() if k != "torch_dtype"}, attn_implementation="sdpa")
     with torch.device(device):
@@ -181,20 +180,18 @@ def _layer_case(name: str, s: Shape, n: int, cfg: dict, device, rand) -> Case:
 
 def _core_call(name: str, s: Shape, n: int, device) -> Callable:
     """(q, k, v) -> out (B, H, n, d) for a core case (transformers' (B, n, H, d) outputs as a transposed view)."""
-    from impl import CORES, context_of
-
     if name in CORES:
         core = CORES[name]
         return lambda q, k, v: context_of(core(q, k, v))
     if name == "hf_eager":
-        from transformers.models.llama.modeling_llama import eager_attention_forward
+        from transformers.models.llama.modeling_llama import eager_attention_forward  # lazy: slow to import
 
         # eager is not causal by itself: the additive mask transformers builds for it, an input here
         bias = torch.full((n, n), torch.finfo(torch.float32).min, device=device).triu_(1)[None, None]
         m = _module(s)
         return lambda q, k, v: eager_attention_forward(m, q, k, v, bias, scaling=s.d**-0.5)[0].transpose(1, 2)
     if name == "hf_sdpa":
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward  # lazy: slow to import
 
         m = _module(s)
         return lambda q, k, v: sdpa_attention_forward(m, q, k, v, None, scaling=s.d**-0.5)[0].transpose(1, 2)

@@ -64,7 +64,7 @@ def count():
 
     The kernel must run in the interpreter; a compiled kernel bypasses the wrapped methods (t stays at zero: check
     t.load_calls)."""
-    from triton.runtime.interpreter import InterpreterBuilder as IB
+    from triton.runtime.interpreter import InterpreterBuilder as IB  # lazy: triton is slow to import
 
     t = Traffic()
     originals = {n: getattr(IB, n) for n in ("create_masked_load", "create_masked_store")}

@@ -53,7 +53,7 @@ def clock_for(device: torch.device) -> Callable[[Callable], float]:
     return cuda_clock if device.type == "cuda" else wall_clock
 
 
-def _timed(fn: Callable, runs: int, min_s: float = 0.0, cap: int = 50, clock: Callable = wall_clock) -> list[float]:
+def timed(fn: Callable, runs: int, min_s: float = 0.0, cap: int = 50, clock: Callable = wall_clock) -> list[float]:
     """At least `runs` timed calls, more (up to `cap`) until they add up to `min_s`: short calls are noisy."""
     ts: list[float] = []
     while len(ts) < runs or (sum(ts) < min_s and len(ts) < cap):
@@ -69,10 +69,10 @@ def roofline(device: torch.device = CPU, runs: int = 10) -> dict:
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, n, generator=g).to(device), torch.randn(n, n, generator=g).to(device)
     a @ b
-    t_mm = statistics.median(_timed(lambda: a @ b, runs, clock=clock))
+    t_mm = statistics.median(timed(lambda: a @ b, runs, clock=clock))
     src, dst = torch.ones(64 * 2**20, device=device), torch.empty(64 * 2**20, device=device)
     dst.copy_(src)
-    t_cp = statistics.median(_timed(lambda: dst.copy_(src), runs, clock=clock))
+    t_cp = statistics.median(timed(lambda: dst.copy_(src), runs, clock=clock))
     return {
         "matmul_gflops": 2 * n**3 / t_mm / 1e9,
         "matmul_shape": [n, n, n],
@@ -94,7 +94,7 @@ def machine(device: torch.device = CPU) -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
-        "ram_bytes": _meminfo("MemTotal"),
+        "ram_bytes": meminfo("MemTotal"),
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
@@ -104,7 +104,8 @@ def machine(device: torch.device = CPU) -> dict:
     return info
 
 
-def _meminfo(key: str) -> int | None:
+def meminfo(key: str) -> int | None:
+    """/proc/meminfo's `key` in bytes, or None where there is none."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith(key + ":"):
@@ -114,18 +115,20 @@ def _meminfo(key: str) -> int | None:
     return None
 
 
-def _status(key: str) -> int:
+def status(key: str) -> int:
+    """/proc/self/status's `key` (VmRSS, VmHWM) in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     raise KeyError(key)
 
 
-def _can_reset_hwm() -> bool:
+def can_reset_hwm() -> bool:
+    """Can VmHWM be reset here (Linux: /proc/self/clear_refs)?"""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        _status("VmHWM")
+        status("VmHWM")
         return True
     except (OSError, KeyError):
         return False
@@ -134,7 +137,7 @@ def _can_reset_hwm() -> bool:
 _libc = None
 
 
-def _trim() -> None:
+def trim() -> None:
     """Collect garbage and hand freed heap pages back to the OS, so a call that reuses them shows in its RSS."""
     global _libc
     gc.collect()

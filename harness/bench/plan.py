@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.bench.cases import INTERPRETED, Shape, make_case, triton_alloc, triton_traffic
-from harness.bench.meter import CPU, _meminfo, human, meter_call
+from harness.bench.meter import CPU, human, meminfo, meter_call
 
 # Not planned on the meta device: sdpa is one fused kernel on CPU but decomposes on meta (an S x S prediction
 # for a call that needs O(S d)); the tiled layer reads position values (rope tables). Both need O(S d) memory.
@@ -55,7 +55,7 @@ def predict(name: str, s: Shape, n: int, cfg: dict, direction: str = "forward") 
 def free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    return _meminfo("MemAvailable") or 0
+    return meminfo("MemAvailable") or 0
 
 
 def plan(name: str, s: Shape, n: int, cfg: dict, last: tuple[int, float] | None, *, calls: int, max_s: float,

@@ -77,10 +77,10 @@ def targets(rows: list[Row]) -> list[dict]:
 def plot(rows: list[Row], info: dict, path: Path) -> None:
     """Time, peak memory and traffic against seq, one row of panels per direction (forward; backward when the
     run has backward rows). Filled markers: measured; hollow, dotted: computed. Interpreted times are not drawn."""
-    import matplotlib
+    import matplotlib  # lazy: slow to import, and only --plot needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: as matplotlib, after its backend is chosen
 
     s = shape_of(llama_config())
     rows = [r for r in rows if r.impl in CORE]  # the core attention; whole-layer rows are in the table
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
 
 
 def options(a) -> Options:
-    """The parsed command line -> what to run. --quick leaves out the interpreted triton (tens of seconds a call);
+    """The parsed command line -> what to run. --quick leaves out the interpreted triton (Python speed: slow);
     --seq also lets backward rows past 4096, --impl lets whole-layer rows past 4096."""
     if a.runs < 1:
         raise UserError(f"--runs {a.runs}: give at least 1 (5 or more for a median worth reporting)")

@@ -20,8 +20,10 @@ import torch
 
 from harness.bench import meter
 from harness.bench.cases import CORE, INTERPRETED, LAYER, Case, flops_of, llama_config, make_case, shape_of
-from harness.bench.meter import CPU, Meter, _status, _timed, _trim, clock_for, human, meter_call
+from harness.bench.kernel_traffic import count
+from harness.bench.meter import CPU, Meter, clock_for, human, meter_call, status, timed, trim
 from harness.bench.plan import TRAFFIC_CLOSED_FORM, TRAFFIC_COUNTED, Computed, plan
+from impl import sdpa
 
 SEQS = (1024, 4096, 16384, 32768)
 QUICK_SEQS = (1024,)
@@ -73,13 +75,13 @@ def measure(case: Case, runs: int, hwm: bool, device: torch.device = CPU) -> tup
     Peak: on a CUDA device torch.cuda's peak of allocated bytes during the call; on a CPU the resident-set
     high-water mark (hwm) or, where it cannot be reset, the meter's tensor bytes. Inputs (and a backward case's
     forward state) are excluded: they exist before the call."""
-    _trim()
+    trim()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
-        base = _status("VmRSS") if hwm else 0
+        base = status("VmRSS") if hwm else 0
         if hwm:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # VmHWM := VmRSS now
@@ -88,20 +90,18 @@ def measure(case: Case, runs: int, hwm: bool, device: torch.device = CPU) -> tup
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
-        peak = _status("VmHWM") - base if hwm else counts.tensor_peak
+        peak = status("VmHWM") - base if hwm else counts.tensor_peak
     del out
-    _trim()
+    trim()
     with torch.no_grad():
-        times = _timed(case.fn, runs, min_s=MIN_TIMED_S, clock=clock_for(device))
+        times = timed(case.fn, runs, min_s=MIN_TIMED_S, clock=clock_for(device))
     return times, peak, counts
 
 
 def measure_interpreted(case: Case) -> tuple[float, Meter, object]:
     """One call of a Triton kernel in the interpreter, under kernel_traffic's counter: (seconds, the meter, the
     counted Traffic). The counter sees every global load and store of the kernel, masked lanes excluded."""
-    from harness.bench.kernel_traffic import count
-
-    _trim()
+    trim()
     with count() as traffic:
         t0 = time.perf_counter()
         counts, out = meter_call(case.fn)
@@ -157,7 +157,7 @@ def run(opt: Options, log=None) -> tuple[list[Row], dict]:
 def _run(opt: Options, dev: torch.device, log) -> tuple[list[Row], dict]:
     cfg = llama_config()
     s = shape_of(cfg)
-    hwm = dev.type == "cpu" and meter._can_reset_hwm()
+    hwm = dev.type == "cpu" and meter.can_reset_hwm()
     info = {"machine": meter.machine(dev), "roofline": meter.roofline(dev)}
     peak_rate = info["roofline"]["matmul_gflops"]
     m = info["machine"]
@@ -210,13 +210,11 @@ def _run(opt: Options, dev: torch.device, log) -> tuple[list[Row], dict]:
             else:
                 _measured(row, case, pred, opt.runs, hwm, dev, peak_rate)
             if name == "sdpa":
-                from impl import sdpa
-
                 row.extra["backend"] = sdpa.last_backend  # the backend that ran (the backward uses its pair)
             if direction == "backward":
                 row.extra["forward_state_bytes"] = case.held
             del case
-            _trim()
+            trim()
             last[key] = (n, row.median_s)
             rows.append(row)
             if interpreted:
