@@ -18,10 +18,10 @@ STAMP      := $(VENV)/.setup-done
 # linear, dynamic and yarn RoPE scaling
 SYNTH      := $(patsubst %,fixtures/%-synthetic/manifest.json,llama-3.2-1b rope-linear rope-dynamic rope-yarn)
 
-.PHONY: setup upgrade-check lock verify verify-quick verify-grad e2e plot mutants bench bench-quick test test-fast extract synthetic lint clean help
+.PHONY: setup upgrade-check lock verify verify-quick verify-grad e2e plot mutants bench bench-quick test test-fast extract synthetic lint graph clean help
 
 help:
-	@echo "make setup | upgrade-check | lock | verify | verify-quick | verify-grad | e2e [MODEL=...] [IMPLS=...] | plot | mutants | bench [BENCH_ARGS=...] | bench-quick | test | test-fast | extract [SOURCE=...] [LAYER=N] | lint | clean"
+	@echo "make setup | upgrade-check | lock | verify | verify-quick | verify-grad | e2e [MODEL=...] [IMPLS=...] | plot | mutants | bench [BENCH_ARGS=...] | bench-quick | test | test-fast | extract [SOURCE=...] [LAYER=N] | lint | graph | clean"
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -104,6 +104,11 @@ extract: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check harness impl scripts tests
+
+# docs/imports.png: which module of harness/ and impl/ imports which, against the intended layering (the layers and
+# rules: scripts/import_graph.py; tests/test_imports.py asserts them). Parses the code, imports none of it.
+graph:
+	$(PY) scripts/import_graph.py
 
 clean:
 	rm -rf $(VENV) $(UPGRADE_VENV) .pytest_cache .ruff_cache .hypothesis fixtures/*-synthetic *.egg-info

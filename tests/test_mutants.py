@@ -31,11 +31,24 @@ REQUIRED = {
     "rope_table_bf16", "pv_fp16_accumulator",  # with angles_bf16 and softmax_low_precision: the precision four
 }  # fmt: skip
 QUIET = {"log": lambda *_: None}
+# The fallbacks, named when nothing else explains a failure: no bug is written for them
+FALLBACKS = {"unknown", "grad_unknown"}
+# Named from the diagnosis's own probes and patterns (a wrong single token, the stage-by-stage intermediates), never
+# from a catalog suspect: its bugs are all held out
+PROBED_ONLY = {"projection"}
 
 
 def test_catalog():
-    assert len(CATALOG) >= 30 and len(BY_NAME) == len(CATALOG)
+    names = [b.name for b in CATALOG]
+    assert len(set(names)) == len(names), sorted({n for n in names if names.count(n) > 1})
+    assert BY_NAME.keys() == set(names)
     assert REQUIRED <= BY_NAME.keys(), REQUIRED - BY_NAME.keys()
+    # every stage the diagnosis can be tuned on has a suspect (a bug not held out) to be tuned on, and the mutation
+    # suite scores every stage but the fallbacks
+    tuned = {b.stage for b in CATALOG if not b.held_out}
+    assert set(STAGES) - FALLBACKS - PROBED_ONLY <= tuned, set(STAGES) - FALLBACKS - PROBED_ONLY - tuned
+    assert not tuned & PROBED_ONLY, tuned & PROBED_ONLY  # else it is no longer named from probes only: move it
+    assert set(STAGES) - FALLBACKS == {b.stage for b in CATALOG}, set(STAGES) - FALLBACKS ^ {b.stage for b in CATALOG}
     for b in CATALOG:
         assert b.stage in STAGES and b.stage != "unknown" and b.bug and b.hint, b
         assert bool(b.steps) != bool(b.fn), b  # a pipeline change or a whole implementation, not both

@@ -1,9 +1,11 @@
-"""RoPE scaling at the layer level: the synthetic rope-linear, rope-dynamic and rope-yarn fixtures (small
-Llama-shaped configs, generated on demand like the Llama one), every built-in passing them (positions past the
-trained context included, where dynamic scaling recomputes its frequencies), and every scaling bug of the catalog
+"""RoPE scaling at the layer level: the fixtures rope-linear-synthetic, rope-dynamic-synthetic and rope-yarn-synthetic
+(small Llama-shaped configs, generated on demand like the Llama one), every built-in passing them (positions past
+the trained context included, where dynamic scaling recomputes its frequencies), and every scaling bug of the catalog
 named `rope_frequencies` (never `tiling`), with a hint that says which part."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -59,7 +61,14 @@ def test_scaling_bugs_are_rope_frequencies(bug, refs):
     assert fixtures, f"no fixture on which {bug} can show"
     _, (v,) = verify(fixtures, [(bug, b.layer())], {torch.float32}, quick=True, cache=refs, **QUIET)
     assert not v.passed and v.stage == "rope_frequencies", (v.stage, v.hint)
-    assert v.stage != "tiling"
+    config = fixtures[0].config
+    if not b.held_out:  # its own suspect matched: its hint, naming the fixture's rope type
+        assert (v.matched, v.hint) == (bug, b.hint_for(config)), (v.matched, v.hint)
+        assert config["rope_parameters"]["rope_type"] in v.hint, v.hint
+    else:  # found by recomputing the frequencies with one of the fixture's own rope parameters changed: named
+        assert v.matched.startswith("rope:"), (v.matched, v.hint)
+        changed = re.split(r"[=<]", v.matched.removeprefix("rope:"))[0].removesuffix("_missing")
+        assert changed in v.hint and "rope_parameters" in v.hint, (v.matched, v.hint)
 
 
 def test_every_rope_type_has_a_scaling_bug_and_two_are_held_out():

@@ -52,6 +52,19 @@ STAGE_EXAMPLES = {
 }
 
 
+# what the hint must say for each: the mistake in the user's terms (the diagnosis's words for it)
+HINT_SAYS = {
+    "scale_missing": "is the 1/sqrt(head_dim) scale missing?",
+    "causal_missing": "the causal mask is missing",
+    "gqa_repeat": "`repeat_interleave`",
+    "rope_interleaved": "RoPE pairs look interleaved",
+    "llama3_missing": "the llama3 RoPE scaling (factor 32) is missing",
+    "padding_ignored": "padded keys are attended to",
+    "masked_rows_nan": "a fully masked row must give zeros",
+    "o_proj_transposed": "the output projection looks transposed",
+}
+
+
 @pytest.mark.parametrize("name", [n if STAGE_EXAMPLES[n] == "smollm2-135m" else pytest.param(n, marks=pytest.mark.slow)
                                   for n in sorted(STAGE_EXAMPLES)])  # fmt: skip
 def test_broken_implementation_names_its_stage(name, refs):
@@ -61,7 +74,7 @@ def test_broken_implementation_names_its_stage(name, refs):
     assert any(not r.passed for r in rows if r.impl == name)
     (v,) = verdicts
     assert not v.passed and v.stage == bug.stage, v
-    assert v.hint
+    assert HINT_SAYS[name] in v.hint, v.hint
 
 
 CORRECT_PLUGIN = """
@@ -94,6 +107,21 @@ def no_scale(x, weights, *, config, position_ids, attention_mask=None):
     w = dict(weights, q_proj=weights["q_proj"] * global_scale)   # the same as dropping 1/sqrt(d)
     return attention(x, w, config=config, position_ids=position_ids, attention_mask=attention_mask)
 """
+
+
+@pytest.mark.slow
+def test_the_readme_example_layer(tmp_path):
+    """The README's first screen: docs/examples/layer.py passes as written, and without its scale fails at stage
+    scale with the hint shown there."""
+    out = tmp_path / "r.json"
+    good, bad = "docs/examples/layer.py:attention", "docs/examples/layer.py:no_scale"
+    p = run(["-m", "harness", "verify", "--fixture", "smollm2-135m", "--impl", good, bad, "--quick",
+             "--json", str(out)])  # fmt: skip
+    assert p.returncode == 1, p.stdout[-3000:] + p.stderr
+    v = {x["impl"]: x for x in json.loads(out.read_text())["verdicts"]}
+    assert v[good]["passed"] is True and v[good]["stage"] is None
+    assert (v[bad]["passed"], v[bad]["stage"]) == (False, "scale")
+    assert "scores look scaled by 8.0x: is the 1/sqrt(head_dim) scale missing?" in v[bad]["hint"]
 
 
 @pytest.mark.slow
