@@ -8,11 +8,13 @@ padding follows the tokenizer's convention (attention_mask [B, Sk], 1 = token, 0
 from __future__ import annotations
 
 import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+
+from impl.rope import cos_sin, inv_freq
 
 
 def hf_config(config: dict, attn_implementation: str = "eager"):
-    from transformers import LlamaConfig
-
     cfg = LlamaConfig.from_dict(config)
     cfg._attn_implementation = attn_implementation
     return cfg
@@ -40,8 +42,6 @@ class Reference:
         dtype=torch.float32,
         attn_implementation: str = "eager",
     ):
-        from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
-
         self.cfg = hf_config(config, attn_implementation)
         self.dtype = dtype
         with torch.device("meta"):  # no random initialisation: the fixture's weights are assigned below
@@ -68,8 +68,6 @@ def float64_tables(config: dict, position_ids: torch.Tensor):
     transformers' rope init functions only produce float32; impl.rope reproduces them bit for bit in float32
     (tested) and evaluates the same formulas in float64 here.
     """
-    from impl.rope import cos_sin, inv_freq
-
     inv, scaling = inv_freq(config, seq_len=int(position_ids.max()) + 1, dtype=torch.float64)
     return cos_sin(inv.to(position_ids.device), position_ids, scaling, dtype=torch.float64)
 
