@@ -171,7 +171,7 @@ def test_another_model_needs_force(tmp_path):
     assert fx.load_fixture(out).config["num_key_value_heads"] == 1
 
 
-@pytest.mark.slow  # about 7 s: two extractions (keeps make test-fast under 2 min)
+@pytest.mark.slow  # two extractions (keeps make test-fast under its budget)
 def test_nan_source_leaves_existing_fixture(tmp_path, small_hf_dir):
     """A corrupt source fails with one line and exit 2; the fixture already there is untouched."""
     src = tmp_path / "nan-src"

@@ -76,7 +76,7 @@ def test_happy_path_reads_only_the_layer(tmp_path, hub, llama_dir):
     assert not any(hub.token.encode() in p.read_bytes() for p in out.iterdir())
 
 
-@pytest.mark.slow  # 3 s (keeps make test-fast under 2 min)
+@pytest.mark.slow  # keeps make test-fast under its budget
 def test_sharded_repo_over_the_hub(tmp_path, hf_env, monkeypatch):
     from checkpoints import make_hf_checkpoint
 
@@ -139,7 +139,7 @@ def test_missing_weights_file(tmp_path, hf_env, monkeypatch, capsys):
     assert "missing on the Hub" in line and "model.safetensors" in line
 
 
-@pytest.mark.slow  # 4-7 s of retries and back-off (keeps make test-fast under 2 min)
+@pytest.mark.slow  # seconds of retries and back-off (keeps make test-fast under its budget)
 def test_server_error_then_success(tmp_path, hub, llama_dir):
     hub.fail_next("model.safetensors", status=500, times=1)
     out = extract(f"hf:{REPO}", out=tmp_path / "fx", **QUIET)
@@ -148,7 +148,7 @@ def test_server_error_then_success(tmp_path, hub, llama_dir):
     assert fx.sha256_file(out / "attn_layer_0.safetensors") == fx.sha256_file(local / "attn_layer_0.safetensors")
 
 
-@pytest.mark.slow  # 4-7 s of retries and back-off (keeps make test-fast under 2 min)
+@pytest.mark.slow  # seconds of retries and back-off (keeps make test-fast under its budget)
 def test_truncated_body_is_retried(tmp_path, hub, llama_dir):
     hub.truncate_next("model.safetensors", times=2)
     out = extract(f"hf:{REPO}", out=tmp_path / "fx", **QUIET)
@@ -156,7 +156,7 @@ def test_truncated_body_is_retried(tmp_path, hub, llama_dir):
     assert fx.sha256_file(out / "attn_layer_0.safetensors") == fx.sha256_file(local / "attn_layer_0.safetensors")
 
 
-@pytest.mark.slow  # 4-7 s of retries and back-off (keeps make test-fast under 2 min)
+@pytest.mark.slow  # seconds of retries and back-off (keeps make test-fast under its budget)
 def test_always_truncated_fails_and_keeps_old_fixture(tmp_path, hub, capsys):
     out = extract(f"hf:{REPO}", out=tmp_path / "fx", **QUIET)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
