@@ -28,7 +28,7 @@ COMMANDS = {
     "extract": "harness.checkpoints.extract",
     "e2e": "harness.e2e.run",
     "plot": "harness.e2e.plot",
-    "mutants": "harness.bugs.mutants",
+    "mutants": "harness.mutants",
     "bench": "harness.bench.report",
 }
 ALIASES = {"plot-attention": "plot"}

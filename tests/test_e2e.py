@@ -14,9 +14,12 @@ import torch
 from conftest import ROOT, SMALL, one_line_error, run
 from plugins import broken
 
-from harness.common import UserError, run_cli
-from harness.e2e import run as e2e
+from harness.common import UserError, resolve_device, run_cli
+from harness.e2e.infer import greedy, hf_generate, run_e2e, teacher_forced
 from harness.e2e.model import load_model
+from harness.e2e.prompts import DEFAULT_PROMPTS, encode_prompt, left_pad, read_prompts
+from harness.e2e.run import main as e2e_main
+from harness.e2e.swap import swapped
 from impl import CORES, IMPLEMENTATIONS, INTERPRETED_ON_CPU
 
 QUIET = {"log": lambda *_: None}
@@ -38,10 +41,10 @@ def tiny(tiny_dir):
 
 def real_greedy(model, fn, prompts, n):
     """The swapped model generating for real, one full-sequence step at a time (no teacher forcing)."""
-    rows = [e2e.encode_prompt(model.tokenizer, p) for p in prompts]
-    ids, mask, pos = e2e.left_pad(rows, 0)
-    with e2e.swapped(model, fn, "contract") as r:
-        return e2e.greedy(model.lm, r, ids, mask, pos, n)[1]  # (B, n)
+    rows = [encode_prompt(model.tokenizer, p) for p in prompts]
+    ids, mask, pos = left_pad(rows, 0)
+    with swapped(model, fn, "contract") as r:
+        return greedy(model.lm, r, ids, mask, pos, n)[1]  # (B, n)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -50,7 +53,7 @@ def real_greedy(model, fn, prompts, n):
 
 @pytest.mark.parametrize("name", [n for n in IMPLEMENTATIONS if n not in INTERPRETED_ON_CPU])
 def test_builtins_reproduce_hf_on_tiny_llama(tiny, name):
-    results = e2e.run_e2e(tiny, IMPLEMENTATIONS[name], CORES[name], list(e2e.DEFAULT_PROMPTS), 12)
+    results = run_e2e(tiny, IMPLEMENTATIONS[name], CORES[name], list(DEFAULT_PROMPTS), 12)
     assert tiny.config["rope_parameters"]["rope_type"] == "llama3"
     assert len({r.n_prompt_tokens for r in results}) == 3  # left padding was exercised
     for r in results:
@@ -61,14 +64,14 @@ def test_builtins_reproduce_hf_on_tiny_llama(tiny, name):
 
 
 def test_plugin_without_a_core_skips_only_the_kv_path(tiny):
-    (r,) = e2e.run_e2e(tiny, IMPLEMENTATIONS["naive"], None, SHORT_PROMPTS[:1], 4)
+    (r,) = run_e2e(tiny, IMPLEMENTATIONS["naive"], None, SHORT_PROMPTS[:1], 4)
     assert r.passed and r.tokens_equal and r.decode_tokens_equal is None and r.decode_max_logit_abs_err is None
 
 
 @pytest.mark.parametrize("bug", ["gqa_repeat", "scale_missing", "padding_ignored"])
 def test_broken_plugin_changes_tokens(tiny, bug):
     fn = getattr(broken, bug)
-    results = e2e.run_e2e(tiny, fn, None, SHORT_PROMPTS, 8)
+    results = run_e2e(tiny, fn, None, SHORT_PROMPTS, 8)
     assert not all(r.passed for r in results)
     bad = [r for r in results if not r.tokens_equal]
     assert bad, "a broken attention in every layer must change some generated token"
@@ -81,11 +84,11 @@ def test_broken_plugin_changes_tokens(tiny, bug):
 def test_teacher_forcing_decides_like_real_generation(tiny, fn):
     """Teacher-forced argmaxes agree with real greedy generation up to and including the first divergence."""
     n = 10
-    rows = [e2e.encode_prompt(tiny.tokenizer, p) for p in SHORT_PROMPTS]
-    ids, mask, pos = e2e.left_pad(rows, 0)
-    ref_tokens, _ = e2e.hf_generate(tiny.lm, ids, mask, n)
-    with e2e.swapped(tiny, fn, "contract") as r:
-        _, tf, _ = e2e.teacher_forced(tiny.lm, r, ids, mask, pos, ref_tokens)
+    rows = [encode_prompt(tiny.tokenizer, p) for p in SHORT_PROMPTS]
+    ids, mask, pos = left_pad(rows, 0)
+    ref_tokens, _ = hf_generate(tiny.lm, ids, mask, n)
+    with swapped(tiny, fn, "contract") as r:
+        _, tf, _ = teacher_forced(tiny.lm, r, ids, mask, pos, ref_tokens)
     real = real_greedy(tiny, fn, SHORT_PROMPTS, n)
     for b in range(len(rows)):
         first = lambda t: next((i for i in range(n) if t[i] != ref_tokens[b, i]), n)  # noqa: B023
@@ -98,11 +101,11 @@ def test_non_causal_plugin_is_generated_for_real(tiny):
     """Teacher forcing would let a model without a causal mask read the very token it must predict; the causality
     check catches that and the verdict comes from real generation."""
     n = 8
-    rows = [e2e.encode_prompt(tiny.tokenizer, p) for p in SHORT_PROMPTS]
-    ids, mask, _ = e2e.left_pad(rows, 0)
-    ref_tokens, _ = e2e.hf_generate(tiny.lm, ids, mask, n)
+    rows = [encode_prompt(tiny.tokenizer, p) for p in SHORT_PROMPTS]
+    ids, mask, _ = left_pad(rows, 0)
+    ref_tokens, _ = hf_generate(tiny.lm, ids, mask, n)
     real = real_greedy(tiny, broken.causal_missing, SHORT_PROMPTS, n)
-    results = e2e.run_e2e(tiny, broken.causal_missing, None, SHORT_PROMPTS, n)
+    results = run_e2e(tiny, broken.causal_missing, None, SHORT_PROMPTS, n)
     for b, r in enumerate(results):
         assert not r.passed
         assert r.tokens_equal == torch.equal(real[b], ref_tokens[b])
@@ -114,7 +117,7 @@ def test_swapped_restores_the_model_after_a_crash(tiny):
         raise RuntimeError("boom")
 
     before = [layer.self_attn for layer in tiny.layers]
-    with pytest.raises(RuntimeError, match="boom"), e2e.swapped(tiny, crash):
+    with pytest.raises(RuntimeError, match="boom"), swapped(tiny, crash):
         tiny.lm(input_ids=torch.tensor([[1, 2, 3]]), use_cache=False)
     assert [layer.self_attn for layer in tiny.layers] == before
 
@@ -123,7 +126,7 @@ def test_cli_json_and_table(tiny_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(SHORT_PROMPTS))
     out = tmp_path / "e2e.json"
-    rc = run_cli(e2e.main, ["--model", str(tiny_dir), "--impl", "sdpa", "--prompts", str(prompts), "--tokens", "6",
+    rc = run_cli(e2e_main, ["--model", str(tiny_dir), "--impl", "sdpa", "--prompts", str(prompts), "--tokens", "6",
                             "--json", str(out)])  # fmt: skip
     text = capsys.readouterr().out
     assert rc == 0, text
@@ -134,6 +137,23 @@ def test_cli_json_and_table(tiny_dir, tmp_path, capsys):
         assert p["tokens_equal"] is True and p["decode_tokens_equal"] is True
         assert 0 <= p["max_logit_abs_err"] <= p["tolerance"] and p["argmax_agreement"] == 1.0
     assert "PASS: 2/2 prompts" in text and "identical" in text
+    device = str(resolve_device(None))  # the run's device, as the command chose it
+    assert doc["device"] == device and all(p["device"] == device for p in doc["prompts"])
+
+
+def test_cli_train_json(tiny_dir, tmp_path, capsys):
+    """--train on the tiny Llama: the loss of every step and the worst gradient, with the device, in the JSON."""
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(SHORT_PROMPTS))
+    out = tmp_path / "train.json"
+    rc = run_cli(e2e_main, ["--model", str(tiny_dir), "--train", "--impl", "sdpa", "--steps", "1", "--prompts",
+                            str(prompts), "--json", str(out)])  # fmt: skip
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    doc = json.loads(out.read_text())
+    assert doc["train"] is True and doc["passed"] is True and len(doc["loss_ref"]) == 2
+    assert doc["device"] == str(resolve_device(None))
+    assert "PASS: training sdpa" in text
 
 
 @pytest.mark.slow
@@ -142,7 +162,7 @@ def test_cli_broken_plugin_exit_1_with_texts(tiny_dir, tmp_path, capsys):
     prompts.write_text("\n".join(SHORT_PROMPTS) + "\n\n")
     out = tmp_path / "e2e.json"
     spec = f"{ROOT / 'tests' / 'plugins' / 'broken.py'}:gqa_repeat"
-    rc = run_cli(e2e.main, ["--model", str(tiny_dir), "--impl", spec, "--prompts", str(prompts), "--tokens", "6",
+    rc = run_cli(e2e_main, ["--model", str(tiny_dir), "--impl", spec, "--prompts", str(prompts), "--tokens", "6",
                             "--json", str(out)])  # fmt: skip
     text = capsys.readouterr().out
     assert rc == 1
@@ -156,7 +176,7 @@ def test_cli_broken_plugin_exit_1_with_texts(tiny_dir, tmp_path, capsys):
 def test_cli_crashing_plugin_is_a_failure_not_a_traceback(tiny_dir, tmp_path, capsys):
     plugin = tmp_path / "crash.py"
     plugin.write_text("def attention(x, weights, **kw):\n    raise ValueError('shapes do not line up')\n")
-    rc = run_cli(e2e.main, ["--model", str(tiny_dir), "--impl", f"{plugin}:attention", "--tokens", "2"])
+    rc = run_cli(e2e_main, ["--model", str(tiny_dir), "--impl", f"{plugin}:attention", "--tokens", "2"])
     assert rc == 1
     assert "raised ValueError: shapes do not line up" in capsys.readouterr().out
 
@@ -174,7 +194,7 @@ def test_cli_crashing_plugin_is_a_failure_not_a_traceback(tiny_dir, tmp_path, ca
 )
 def test_bad_input_one_line_exit_2(args, needle, capsys):
     try:
-        rc = run_cli(e2e.main, args)
+        rc = run_cli(e2e_main, args)
     except SystemExit as e:  # argparse's usage errors exit from inside the parser
         rc = e.code
     assert rc == 2
@@ -188,9 +208,9 @@ def test_bad_prompt_files(tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
     for name, needle in (("bad.json", "not valid JSON"), ("num.json", "list of strings"), ("empty.txt", "no prompts")):
         with pytest.raises(UserError, match=needle):
-            e2e.read_prompts(str(tmp_path / name))
+            read_prompts(str(tmp_path / name))
     (tmp_path / "ok.txt").write_text("one\n\ntwo\n")
-    assert e2e.read_prompts(str(tmp_path / "ok.txt")) == ["one", "two"]
+    assert read_prompts(str(tmp_path / "ok.txt")) == ["one", "two"]
 
 
 def test_non_llama_model_refused_before_loading(tmp_path):
@@ -247,14 +267,14 @@ def smol():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiled"])  # the others: the tiny Llama above (the same code paths); all: `make e2e`
 def test_smollm2_builtins_reproduce_hf(smol, name):
-    results = e2e.run_e2e(smol, IMPLEMENTATIONS[name], CORES[name], list(e2e.DEFAULT_PROMPTS), 16)
+    results = run_e2e(smol, IMPLEMENTATIONS[name], CORES[name], list(DEFAULT_PROMPTS), 16)
     for r in results:
         print(f"\n[e2e {name}] {r.n_prompt_tokens} tokens: prefill {r.max_logit_abs_err:.2e}, steps "
               f"{r.generate_max_logit_abs_err:.2e}, decode {r.decode_max_logit_abs_err:.2e}, HF sdpa "
               f"{r.hf_sdpa_max_logit_abs_err:.2e}, tolerance {r.tolerance:.1e}")  # fmt: skip
         assert r.tokens_equal and r.decode_tokens_equal, (r.text_ref, r.text_impl, r.text_decode)
         assert r.argmax_agreement == 1.0
-        # Of the order of HF's own sdpa vs eager: far inside the tolerance.
+        # at the level of HF's own sdpa-vs-eager noise (docs/e2e.md has the numbers): far inside the tolerance
         assert max(r.max_logit_abs_err, r.generate_max_logit_abs_err, r.decode_max_logit_abs_err) <= r.tolerance
         assert r.passed
     assert "Paris" in results[0].text_ref  # the real model, really answering

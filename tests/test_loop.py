@@ -33,7 +33,8 @@ def test_a_toy_contract_gets_verdicts_and_faults_from_the_loop(toy):
     v = {x.impl: x for x in verdicts}
     assert [x.impl for x in verdicts] == specs and all(x.contract == "toy" for x in verdicts)
     assert v["identity"].passed and v["tests/plugins/toy_impl.py:copy_v"].passed  # here and in a worker
-    assert (v["doubled"].passed, v["doubled"].stage, v["doubled"].hint) == (False, "scale", "the output is 2x the value")
+    doubled = v["doubled"]
+    assert (doubled.passed, doubled.stage, doubled.hint) == (False, "scale", "the output is 2x the value")
     assert (v["wrong_shape"].stage, v["raises"].stage) == ("contract", "crash")
     assert "ZeroDivisionError" in v["raises"].hint
     exits = v["tests/plugins/toy_impl.py:exits"]

@@ -9,15 +9,16 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-import harness.verify.diagnosis
 import pytest
 import torch
 from conftest import one_line_error, run
 
+import harness.verify.diagnosis
 from harness.bugs import catalog, pipeline
-from harness.bugs.catalog import BY_NAME, CATALOG, STAGES
-from harness.bugs.mutants import run_mutants
+from harness.bugs.catalog import BY_NAME, CATALOG
+from harness.mutants import run_mutants
 from harness.reference import Reference64
+from harness.stages import STAGES
 from harness.verify import scenarios
 from harness.verify.run import DTYPES, resolve_fixtures, verify
 
@@ -111,7 +112,7 @@ def test_cli_subset_json_and_exit_codes(tmp_path):
 
 def test_the_gate_fails_on_an_escape_and_on_wrong_stages(monkeypatch, capsys):
     """The command's exit code is the gate: a bug that escapes, or tuned stages named wrong, is exit 1."""
-    from harness.bugs import mutants
+    from harness import mutants
 
     def fake(results):
         monkeypatch.setattr(mutants, "run_mutants", lambda fixtures, bugs, **kw: results)

@@ -32,10 +32,11 @@ def tables(config: dict, position_ids: torch.Tensor, dtype: torch.dtype):
 
 
 def rotate(q, k, v, cos, sin):
-    return _rot(q, cos, sin), _rot(k, cos, sin), v
+    return rot(q, cos, sin), rot(k, cos, sin), v
 
 
-def _rot(x, cos, sin, apply=rope.apply_half):
+def rot(x, cos, sin, apply=rope.apply_half):
+    """One tensor (B, n, S, d) rotated by RoPE in the tables' dtype, back in its own (`apply` picks the pairing)."""
     return apply(x.to(cos.dtype), cos, sin).to(x.dtype)
 
 

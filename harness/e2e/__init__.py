@@ -1,7 +1,11 @@
 """`e2e`: a whole real model with the implementation in every layer's self_attn, against transformers.
 
-    model.py  the model (SmolLM2 from its GGUF, the Hub, a directory), float32, cached
-    swap.py   the module that stands in for each layer's self_attn
-    run.py    prompts -> reference logits and greedy tokens -> the swapped model's -> report
-    plot.py   `plot`: one layer's attention probabilities, ours beside transformers'
+    model.py    the model (SmolLM2 from its GGUF, the Hub, a directory), float32, cached
+    swap.py     the module that stands in for each layer's self_attn
+    prompts.py  the prompts (defaults or a file) -> one left-padded batch
+    infer.py    inference: reference logits and greedy tokens -> the swapped model's -> a result per prompt
+    train.py    --train: loss and every parameter's gradient, then optimizer steps, against transformers
+    report.py   the table, the training lines, the JSON of both modes
+    run.py      the command line of both modes
+    plot.py     `plot`: one layer's attention probabilities, ours beside transformers'
 """

