@@ -110,3 +110,13 @@ def small_hf_dir(tmp_path_factory):
     from checkpoints import make_hf_checkpoint
 
     return make_hf_checkpoint(tmp_path_factory.mktemp("small_hf") / "tiny-llama", config_overrides=SMALL)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_github_environment():
+    """The suite's runs of verify write no GitHub step summary and print no annotations, even where the suite itself
+    runs in GitHub Actions (tests/test_ci_output.py sets the variables where it wants them)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("GITHUB_STEP_SUMMARY", "GITHUB_ACTIONS"):
+            mp.delenv(name, raising=False)
+        yield

@@ -10,4 +10,5 @@
     diagnosis/      for a failing implementation, the first broken stage and a hint
     plugins.py  specs.py  worker.py     the implementations under test and the process boundary
     records.py  report.py  plot.py  listing.py     rows and verdicts; the table, the JSON, the pictures, `list`
+    drift.py  ci_output.py  reference drift and --accept-reference; --junit, GitHub's step summary and annotations
 """

@@ -1,4 +1,9 @@
-"""What a verify run prints and writes: the table (one row per check), a line per verdict, the JSON document."""
+"""What a verify run prints and writes: the table (one row per check), a line per verdict, the JSON document.
+
+The reference's own rows: `hf-sdpa` (transformers' sdpa path against its eager path) fails a run like any check;
+`golden` (transformers' output against the one stored at extraction, under another transformers: drift.py) is
+reported as drift, one line above the table, and never makes a run pass or fail.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,20 @@ from harness import versions
 from harness.verify.compare import PRECISION_LIMIT
 
 REFERENCE_CHECKS = ("hf-sdpa", "golden")
+GOLDEN = "golden"
+
+
+def is_drift(row) -> bool:
+    """The golden row disagreeing: transformers moved since the fixture was made (the same transformers disagreeing
+    is a fixture problem, refused before any row: contracts/layer.py reference_rows)."""
+    return row.impl == GOLDEN and not row.passed
+
+
+def counts(rows) -> tuple[int, int, int]:
+    """(passed, failed, drift): a drift is neither."""
+    drift = sum(is_drift(r) for r in rows)
+    n_pass = sum(r.passed for r in rows)
+    return n_pass, len(rows) - n_pass - drift, drift
 
 
 def table(rows) -> str:
@@ -21,6 +40,8 @@ def table(rows) -> str:
         res = "PASS" if c.passed else (f"FAIL ({r.error})" if r.error else "FAIL (NaN/Inf)" if c.nonfinite else "FAIL")
         if c.imprecise:
             res = f"PASS* ({c.precision_ratio:.0f}x less precise than HF)"
+        if is_drift(r):
+            res = "DRIFT (the reference moved: see above; not a failure)"
         name = r.scenario if r.check == "forward" else f"{r.scenario}:{r.check}"
         lines.append(
             f"{r.fixture:{wf}s} {r.impl:{wi}s} {name:17s} {r.dtype:8s} {c.max_abs_err:11.2e} "
@@ -42,26 +63,54 @@ def verdict_lines(verdicts, strict: bool = False) -> list[str]:
 
 
 def reference_lines(rows) -> list[str]:
+    """transformers' sdpa path disagreeing with its eager path (a failure; the golden's drift has its own line)."""
     return [
         f"REFERENCE {r.fixture} / {r.impl} / {r.scenario}: the reference itself disagrees "
         f"(max abs {r.c.max_abs_err:.2e}); check the transformers version against the fixture's manifest"
         for r in rows
-        if r.impl in REFERENCE_CHECKS and not r.passed
+        if r.impl in REFERENCE_CHECKS and not r.passed and not is_drift(r)
     ]
 
 
-def print_report(rows, verdicts, seconds: float, n_fixtures: int, n_impls: int, out=print, strict=False) -> None:
-    line = versions.note()  # the reference is not the one the project's verdicts were made with: say so, once
-    if line:
-        out(line)
+def versions_moved(made_with: dict, installed: dict) -> str:
+    """`transformers 5.23.0 -> 5.24.0` (torch too when it moved as well)."""
+    moved = [f"{p} {made_with.get(p) or '(unrecorded)'} -> {installed.get(p) or '(absent)'}" for p in installed
+             if p == "transformers" or made_with.get(p) != installed.get(p)]  # fmt: skip
+    return moved[0] + (f" ({', '.join(moved[1:])})" if moved[1:] else "")
+
+
+def drift_line(drift: list[dict]) -> str | None:
+    """One line for every drifted golden (drift.py found()), or None."""
+    if not drift:
+        return None
+    groups: dict[str, list[str]] = {}
+    for d in drift:
+        where = f"{d['max_abs_err']:.1e} on {d['fixture']}/{d['scenario']}"
+        groups.setdefault(versions_moved(d["made_with"], d["installed"]), []).append(where)
+    said = "; ".join(f"{moved} changed LlamaAttention's output by {', '.join(w)}" for moved, w in groups.items())
+    tol = max(d["tolerance"] for d in drift)
+    return (f"the reference moved: {said} (tolerance {tol:.0e}); implementations are judged against the installed "
+            "transformers; once checked, `verify --accept-reference` rewrites those goldens")  # fmt: skip
+
+
+def summary_line(rows, seconds: float, n_fixtures: int, n_impls: int, strict: bool = False) -> str:
+    n_pass, n_fail, n_drift = counts(rows)
+    n_imprecise = sum(r.c.imprecise for r in rows)
+    return (f"{n_pass} passed, {n_fail} failed in {seconds:.1f} s ({n_fixtures} fixtures x {n_impls} implementations)"
+            + (f"; {n_imprecise} imprecise (PASS*{', failures under --strict' if strict else ''})" if n_imprecise
+               else "")
+            + (f"; {n_drift} reference drift (not failures)" if n_drift else ""))  # fmt: skip
+
+
+def print_report(rows, verdicts, seconds: float, n_fixtures: int, n_impls: int, out=print, strict=False,
+                 drift: list[dict] | None = None) -> None:  # fmt: skip
+    for line in (versions.note(), drift_line(drift or [])):  # the reference is not the tested one; it moved
+        if line:
+            out(line)
     out(table(rows))
     for line in verdict_lines(verdicts, strict) + reference_lines(rows):
         out(line)
-    n_pass = sum(r.passed for r in rows)
-    n_imprecise = sum(r.c.imprecise for r in rows)
-    out(f"{n_pass} passed, {len(rows) - n_pass} failed in {seconds:.1f} s "
-        f"({n_fixtures} fixtures x {n_impls} implementations)"
-        + (f"; {n_imprecise} imprecise (PASS*{', failures under --strict' if strict else ''})" if n_imprecise else ""))
+    out(summary_line(rows, seconds, n_fixtures, n_impls, strict))
 
 
 def precision_markdown(rows) -> str:
@@ -107,12 +156,15 @@ def grad_markdown(rows) -> str:
     return "\n".join(lines)
 
 
-def document(rows, verdicts, seconds: float, strict: bool = False) -> dict:
-    n_pass = sum(r.passed for r in rows)
+def document(rows, verdicts, seconds: float, strict: bool = False, drift: list[dict] | None = None) -> dict:
+    """The JSON of a run. A drifted golden row stays in "results" ("passed": false, "drift": true) and is listed in
+    "reference_drift"; it is counted neither passed nor failed."""
+    n_pass, n_fail, n_drift = counts(rows)
     return {
-        "summary": {"passed": n_pass, "failed": len(rows) - n_pass, "imprecise": sum(r.c.imprecise for r in rows),
-                    "strict": strict, "seconds": round(seconds, 3)},
-        "results": [r.json() for r in rows],
+        "summary": {"passed": n_pass, "failed": n_fail, "drift": n_drift,
+                    "imprecise": sum(r.c.imprecise for r in rows), "strict": strict, "seconds": round(seconds, 3)},
+        "reference_drift": list(drift or []),
+        "results": [r.json() | ({"drift": is_drift(r)} if r.impl == GOLDEN else {}) for r in rows],
         "verdicts": [v.json() for v in verdicts],
         "versions": versions.both(),
     }

@@ -15,6 +15,7 @@ type, shape, dtype or device is `contract`. The run goes on with the other imple
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -22,8 +23,8 @@ import torch
 
 from harness.checkpoints.format import Fixture, list_fixtures, load_fixture
 from harness.checkpoints.validate import output_dir, output_path
-from harness.common import Parser, UserError, resolve_device, update_generated, write_json
-from harness.verify import contracts, loop, plot, report
+from harness.common import Parser, UserError, resolve_device, update_generated, write_atomic, write_json
+from harness.verify import ci_output, contracts, drift, loop, plot, report
 from harness.verify.loop import Context
 from harness.verify.plugins import LAYOUTS, Impl, builtin, resolve
 from harness.verify.records import Row, Verdict
@@ -80,6 +81,12 @@ def main(argv=None) -> int:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu); the references run "
                    "there too, float64 included")
     p.add_argument("--json", type=Path, help="write the results as JSON")
+    p.add_argument("--junit", type=Path, metavar="PATH", help="write the results as JUnit XML: a testcase per row "
+                   "(classname fixture/impl, name scenario:check), a failure naming the stage; the reference's own "
+                   "rows in the testsuite `reference`")  # fmt: skip
+    p.add_argument("--accept-reference", action="store_true",
+                   help="after a look at a reference drift: rewrite the drifted fixtures' golden outputs (and their "
+                   "sha256 and versions in manifest.json) with the installed transformers' output")  # fmt: skip
     p.add_argument("--doc", type=Path, help="rewrite the generated table of this page: the precision ratios "
                    "(docs/precision.md), or with --grad the gradient errors (docs/grad.md)")
     a = p.parse_args(argv)
@@ -90,6 +97,12 @@ def main(argv=None) -> int:
         output_dir(a.plot, "--plot")
     if a.doc:
         output_path(a.doc, "--doc")
+    if a.junit:
+        output_path(a.junit, "--junit")
+        ci_output.require_junitparser()
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        output_path(summary, "GITHUB_STEP_SUMMARY")
     unknown = [d for d in a.dtype if d not in DTYPES]
     if unknown:
         raise UserError(f"--dtype: unknown dtype '{unknown[0]}'; choose from {', '.join(DTYPES)}")
@@ -103,6 +116,8 @@ def main(argv=None) -> int:
     impls = [resolve(spec, name, layout=a.weights_layout, device=device)
              for name, specs in asked.items() for spec in dict.fromkeys(specs)]  # fmt: skip
     fixtures = resolve_fixtures(list(dict.fromkeys(a.fixture)) if a.fixture else None)
+    if a.accept_reference:
+        drift.check_writable(fixtures)
     torch.manual_seed(0)
     runs: dict = {}
     try:
@@ -117,14 +132,28 @@ def main(argv=None) -> int:
             i.close()
     seconds = time.perf_counter() - t0
     on_fixtures = any(contracts.get(i.contract).targets(fixtures) == fixtures for i in impls)
-    report.print_report(rows, verdicts, seconds, len(fixtures) if on_fixtures else 0, len(impls), strict=a.strict)
+    n_fixtures = len(fixtures) if on_fixtures else 0
+    moved = drift.found(rows, fixtures)
+    report.print_report(rows, verdicts, seconds, n_fixtures, len(impls), strict=a.strict, drift=moved)
     if a.json:
-        write_json(a.json, report.document(rows, verdicts, seconds, strict=a.strict))
+        write_json(a.json, report.document(rows, verdicts, seconds, strict=a.strict, drift=moved))
+    if a.junit:
+        write_atomic(a.junit, ci_output.junit(rows, verdicts, strict=a.strict, drift=moved))
+    if summary:
+        ci_output.append_summary(summary, ci_output.step_summary(rows, verdicts, seconds, n_fixtures, len(impls),
+                                                                 strict=a.strict, drift=moved))  # fmt: skip
+    if ci_output.github_actions():
+        for line in ci_output.annotations(rows, verdicts, strict=a.strict, drift=moved):
+            print(line)
     if a.doc:  # with --grad: the gradient errors (docs/grad.md); else the precision ratios (docs/precision.md)
         update_generated(a.doc, report.grad_markdown(rows) if a.grad else report.precision_markdown(rows))
     if a.plot:
         for path in plot.draw_all(a.plot, verdicts, runs, {f.name: f for f in fixtures}):
             print(f"wrote {path}")
-    failed = any(not r.passed for r in rows) or any(not v.passed for v in verdicts)
+    if a.accept_reference:
+        if not drift.accept(fixtures, moved):
+            print("--accept-reference: no reference drift, nothing to rewrite")
+    # a drift is never a failure: implementations are judged against the installed transformers
+    failed = any(not r.passed and not report.is_drift(r) for r in rows) or any(not v.passed for v in verdicts)
     failed = failed or (a.strict and any(v.imprecise for v in verdicts))
     return 1 if failed else 0
