@@ -42,7 +42,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("harness.bugs",),
     ("harness.verify",),
     ("harness.e2e", "harness.bench", "harness.mutants"),
-    ("harness.cli", "harness.__main__"),
+    ("harness.cli", "harness.__main__", "harness.pytest_plugin"),  # the entry points: command line, pytest plugin
 )
 # Leaves import no other project module than impl: not even each other
 LEAVES = frozenset(LAYERS[1])
