@@ -1,7 +1,8 @@
-"""The one command line: `attention-verify COMMAND ...` (installed by `make setup`), or `python -m harness COMMAND`.
+"""The one command line: `attention-verify COMMAND ...` or `python -m harness COMMAND`.
 
     verify    implementations vs transformers' LlamaAttention on every fixture (the main job)
     list      fixtures, implementations, scenarios
+    fixtures  each fixture and where it is (committed, cached, not yet made); `fixtures make` makes the synthetic ones
     fixture   load and check one fixture, print its summary
     extract   one layer of a Llama-family checkpoint -> fixtures/<name>/
     e2e       a whole real model with the implementation in every layer, against transformers
@@ -10,6 +11,7 @@
     bench     time, peak memory and memory traffic on Llama-3.2-1B's shapes
 
 Exit codes everywhere: 0 pass, 1 a failing verdict, 2 bad input (one line on stderr, no traceback).
+`make setup` or `pip install` (a path, a git URL, a wheel) installs the script.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from harness.common import Parser, run_cli
 COMMANDS = {
     "verify": "harness.verify.run",
     "list": "harness.verify.listing",
+    "fixtures": "harness.checkpoints.store",
     "fixture": "harness.checkpoints.format",
     "extract": "harness.checkpoints.extract",
     "e2e": "harness.e2e.run",

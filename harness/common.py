@@ -5,6 +5,8 @@
 - `Parser`: argparse whose usage errors are one line and exit 2 too; `many(...)` declares an option that takes
   several values and accumulates them: `--impl a --impl b` == `--impl a b` (== `--impl a,b` where commas split).
 - `write_atomic` / `write_json`: a temporary file renamed into place, so a reader never sees half a file.
+- `FIXTURES_DIR` and the folders beside it: where fixtures are (a checkout's fixtures/, or an installed copy's
+  package data and user cache); harness/checkpoints/store.py resolves names over them.
 - `heads(config)`: the head sizes every pipeline reads off a config; `compared_rows(x, mask)`: the rows a
   comparison looks at (real tokens, never padding).
 """
@@ -20,16 +22,37 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 
-# The repository (docs/, fixtures/). An installed copy without one reads fixtures/ in the current directory;
-# ATTN_FIXTURES names another folder of fixtures.
+# Where fixtures are: decided here, once (harness/checkpoints/store.py resolves names over these folders).
+# - a checkout (fixtures/ beside harness/, as in the repository): fixtures/ holds everything: the committed fixtures,
+#   the configs, and the synthetic fixtures `make synthetic` (or a first use) writes there;
+# - an installed copy (pip): the committed fixtures and the configs are package data beside harness/
+#   (attention_verify_fixtures, read-only); synthetic fixtures are made on first use into the user cache directory.
+# $ATTN_FIXTURES names the folder fixtures are made in and looked up in first (in a checkout, the only one).
 ROOT = Path(__file__).resolve().parent.parent
+CHECKOUT = (ROOT / "fixtures").is_dir() and (ROOT / "pyproject.toml").is_file()
+PACKAGED_FIXTURES = ROOT / "attention_verify_fixtures"
+
+
+def user_fixtures_dir() -> Path:
+    """The platform's user cache directory for this release's fixtures (~/.cache/attention-verify/0.1.0/fixtures on
+    Linux): a release whose configs or extraction differ never reads another's synthetic fixtures."""
+    import platformdirs  # lazy: only an installed copy without $ATTN_FIXTURES needs it
+
+    try:
+        release = version("attention-verify")
+    except PackageNotFoundError:
+        release = None
+    return platformdirs.user_cache_path("attention-verify", appauthor=False, version=release) / "fixtures"
+
+
 FIXTURES_DIR = Path(
-    os.environ.get("ATTN_FIXTURES") or (ROOT / "fixtures" if (ROOT / "fixtures").is_dir() else Path.cwd() / "fixtures")
-)
+    os.environ.get("ATTN_FIXTURES") or (ROOT / "fixtures" if CHECKOUT else user_fixtures_dir())
+).absolute()
 DOCS = ROOT / "docs"
 
 

@@ -18,10 +18,11 @@ import torch
 
 from harness.bench.meter import Meter
 from harness.bench.triton_traffic import traffic_model
-from harness.common import FIXTURES_DIR, UserError
+from harness.checkpoints.store import config_of
+from harness.common import UserError
 from impl import CORES, context_of, tiled
 
-CONFIG = FIXTURES_DIR / "llama-3.2-1b" / "config.json"
+CONFIG = config_of("llama-3.2-1b")  # the committed config: a checkout's fixtures/ or the installed package data
 CORE = ("naive", "loop", "tiled", "sdpa", "triton", "hf_eager", "hf_sdpa")
 LAYER = ("layer_tiled", "layer_hf")
 BACKWARD = ("naive", "tiled", "sdpa", "hf_eager", "hf_sdpa")  # the cases that have a backward call

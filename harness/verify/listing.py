@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from harness.checkpoints.format import list_fixtures, load_fixture
+from harness.checkpoints import store
+from harness.checkpoints.format import load_fixture
 from harness.common import Parser, UserError, one_line
 from harness.verify.scenarios import SCENARIOS
 
@@ -16,7 +17,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     fixtures = []
-    for path in list_fixtures():
+    for entry in filter(store.by_default, store.catalog()):
+        path = entry.path
+        if entry.state == store.PENDING:  # listed, not made here (its first use or `fixtures make` makes it)
+            fixtures.append({"name": entry.name, "synthetic": True, "layer": None, "model": None, "made": False})
+            continue
         try:
             f = load_fixture(path, verify=False)
         except UserError as e:  # one broken fixture is reported in the listing; the others are still listed
@@ -34,6 +39,9 @@ def main(argv=None) -> int:
     for f in fixtures:
         if "broken" in f:
             print(f"  {f['name']:26s} BROKEN: {f['broken']}")
+            continue
+        if f.get("made") is False:
+            print(f"  {f['name']:26s} synthetic weights, not yet made (made on first use)")
             continue
         print(
             f"  {f['name']:26s} {'synthetic' if f['synthetic'] else 'real'} weights, layer {f['layer']}, {f['model']}"
