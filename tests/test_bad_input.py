@@ -330,6 +330,7 @@ def test_a_golden_from_another_transformers_that_disagrees_is_drift(tmp_path):
     assert all(r["passed"] for r in doc["results"] if r["impl"] != "golden")
 
 
+@pytest.mark.slow  # three verify runs
 def test_accept_reference_rewrites_the_drifted_golden(tmp_path):
     """--accept-reference on a copy: the golden, its sha256 and the manifest's versions rewritten with the installed
     transformers' output (one line), the rest of the fixture as it was; a second run reports no drift."""

@@ -20,6 +20,7 @@ def toy(monkeypatch):
     return contracts.get("toy")
 
 
+@pytest.mark.slow  # two worker processes: the slow tier (make test-fast budget)
 def test_a_toy_contract_gets_verdicts_and_faults_from_the_loop(toy):
     fx = resolve_fixtures(["smollm2-135m"])
     specs = ["identity", "doubled", "wrong_shape", "raises", "tests/plugins/toy_impl.py:copy_v",

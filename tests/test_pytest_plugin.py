@@ -45,6 +45,7 @@ def quick_scenarios() -> list[str]:
     return [s.name for s in select(f, {torch.float32}, quick=True)]
 
 
+@pytest.mark.slow  # a pytest run in a subprocess with a worker: the slow tier (make test-fast budget)
 def test_sample_repo_fails_at_stage_scale(repo):
     """The sample's layer (no 1/sqrt(head_dim)): an item per quick scenario, each failing one names stage scale
     and its error, as does its JUnit testcase (with the properties); the single token passes (a scale changes
