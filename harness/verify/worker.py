@@ -290,7 +290,7 @@ def import_root(module: str) -> list[str]:
     spec = importlib.util.find_spec(module) if module else None
     if spec is None or not spec.origin or module.startswith("harness."):
         return []
-    return [str(Path(spec.origin).parents[len(module.split("."))  - 1])]
+    return [str(Path(spec.origin).parents[len(module.split(".")) - 1])]
 
 
 def _exit_words(code: int) -> str:

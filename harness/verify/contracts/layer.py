@@ -29,7 +29,7 @@ from harness.verify.compare import compare as compare_tensors
 from harness.verify.compare import not_run as no_output
 from harness.verify.diagnosis import layer as diagnosis
 from harness.verify.diagnosis.evidence import Run
-from harness.verify.records import Row
+from harness.verify.records import Row, dtype_name
 from harness.verify.scenarios import BY_NAME, select
 from harness.verify.worker import Fault
 from impl import IMPLEMENTATIONS
@@ -98,7 +98,7 @@ def reference(f: Fixture, s, ctx, device="cpu") -> Case:
         if not (torch.isfinite(ref64[keep]).all() and torch.isfinite(ref[keep]).all()):
             # the judge's own answer is not a number: a fixture problem, never an implementation's fault
             raise UserError(f"{f.path}: transformers' own output is NaN/Inf on scenario {s.name} "
-                            f"({str(s.dtype).removeprefix('torch.')}): the fixture's weights do not make a working "
+                            f"({dtype_name(s.dtype)}): the fixture's weights do not make a working "
                             "layer; re-extract it from a real checkpoint")  # fmt: skip
         cache[key] = Case(x, pos, mask, ref, ref64)
     return cache[key]
@@ -154,16 +154,12 @@ def forward(impl, key: str, config: dict, weights: dict, x, pos, mask) -> torch.
 
 
 def call(impl, f: Fixture, s, r: Case) -> torch.Tensor:
-    return forward(impl, f"{f.key}:{str(s.dtype).removeprefix('torch.')}", f.config, weights_in(f, s.dtype), r.x,
+    return forward(impl, f"{f.key}:{dtype_name(s.dtype)}", f.config, weights_in(f, s.dtype), r.x,
                    r.pos, r.mask)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the reply, checked against the contract
-
-
-def dtype_name(t: torch.dtype) -> str:
-    return str(t).removeprefix("torch.")
 
 
 def contract_error(what: str, desc: dict, want: str) -> Fault:
