@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import stat
 import sys
 import tempfile
@@ -91,9 +92,39 @@ class Parser(argparse.ArgumentParser):
         return self.add_argument(*flags, nargs="+", action=_Accumulate, split=split, **kwargs)
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP (a CI cancel, a closed terminal): ends a run like Ctrl-C does (`stop_on_signals`)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stopped(signum, frame):
+    raise Stopped(signum)
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP raise Stopped where the main thread is, so `finally` blocks end the workers and the
+    command reports what it did; SIGUSR1 and SIGUSR2, which nothing here uses, are ignored."""
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, _stopped)
+    for s in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def hold_signals() -> None:
+    """While what was done is being written: a second Ctrl-C, SIGTERM or SIGHUP waits until it is."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Run a CLI entry point: UserError -> one line on stderr and exit 2."""
+    """Run a CLI entry point: UserError -> one line on stderr and exit 2; Ctrl-C, SIGTERM, SIGHUP -> one line and
+    the signal's exit code (128 + its number)."""
+    held = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)}
     try:
+        stop_on_signals()
         return main(argv)
     except UserError as e:
         print(f"error: {redact(one_line(str(e)))}", file=sys.stderr)
@@ -101,6 +132,12 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Stopped as e:
+        print(f"error: stopped by {e}; nothing was written", file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        for s, handler in held.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 _CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]+@")

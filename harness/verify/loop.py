@@ -35,6 +35,8 @@ class Context:
     log: Callable = print
     cache: dict = field(default_factory=dict)  # references, keyed by contents: reusable across runs
     keep: dict | None = None  # (target, impl) -> evidence, for the pictures
+    rows: list = field(default_factory=list)  # what was judged so far: a stopped run reports it
+    verdicts: list = field(default_factory=list)
 
 
 def judge(c, target, impl: Impl, ctx: Context, cases: list | None = None) -> tuple[list[Row], Verdict]:
@@ -131,8 +133,7 @@ def run(fixtures: list, impls: list[Impl], ctx: Context) -> tuple[list[Row], lis
         c = contracts.get(impl.contract)
         for t in c.targets(fixtures):
             plan.setdefault(t.name, (t, []))[1].append((c, impl))
-    rows: list[Row] = []
-    verdicts: list[Verdict] = []
+    rows, verdicts = ctx.rows, ctx.verdicts  # filled as it goes: a run stopped half-way still has them
     for target, jobs in plan.values():
         owner = next((c for c, _ in jobs if hasattr(c, "reference_rows")), None)  # layer and module share them
         if owner is not None:

@@ -8,13 +8,16 @@ every input; everything else runs in a worker process (worker.py) that imports t
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+from importlib.machinery import PathFinder
 from pathlib import Path
 
-from harness.common import UserError
+from harness.common import ROOT, UserError
 from harness.verify import contracts
 from harness.verify.specs import import_spec
-from harness.verify.worker import Fault, Worker, results
+from harness.verify.worker import Fault, Worker, reply_limit, results
 from impl import IMPLEMENTATIONS, INTERPRETED_ON_CPU, sdpa
 
 LAYOUTS = ("hf", "meta")
@@ -46,9 +49,12 @@ class Impl:
         """What actually ran, where an implementation chooses (sdpa's backend), for the report."""
         return None
 
-    def call(self, contract, header: dict, tensors: dict, doing: str, preload: tuple | None = None):
+    def call(self, contract, header: dict, tensors: dict, doing: str, preload: tuple | None = None,
+             expect: int | None = None):  # fmt: skip
         """contract.serve(code, header, tensors, state) where the code runs -> (descriptions, items): what it
-        returned, unchecked. preload: (key, config, weights) that header["key"] names (sent once per key)."""
+        returned, not yet checked against the contract. preload: (key, config, weights) that header["key"] names
+        (sent once per key). expect: the most numbers the contract's outputs hold (a larger reply is `contract`,
+        unread); by default as many as the inputs and the weights hold (gradients are their size)."""
         raise NotImplementedError
 
     def launch(self) -> None:
@@ -93,7 +99,7 @@ class Builtin(Impl):
         """A fresh copy on this implementation's device: nothing it does reaches the caller's tensor."""
         return None if t is None else t.to(self.device, copy=True)
 
-    def call(self, contract, header, tensors, doing, preload=None):
+    def call(self, contract, header, tensors, doing, preload=None, expect=None):
         state = {"weights": {}, "configs": {}, "modules": self.modules}
         if preload is not None:
             key, config, w = preload
@@ -128,15 +134,18 @@ class Isolated(Impl):
     def alive(self) -> bool:
         return self.worker.proc is not None
 
-    def call(self, contract, header, tensors, doing, preload=None):
+    def call(self, contract, header, tensors, doing, preload=None, expect=None):
         if self.early is not None:
             fault, self.early = self.early, None
             raise fault
         if preload is not None:
             self.worker.weights(*preload, self.deadline)
-        reply, out = self.worker.call({**header, "op": "call", "serve": serving(contract)}, tensors,
-                                      self.deadline, doing)  # fmt: skip
-        return reply["results"], [out.get(f"r{i}") for i in range(len(reply["results"]))]
+        if expect is None:  # gradients are as large as what they are taken of
+            weights = preload[2] if preload is not None else {}
+            expect = sum(t.numel() for t in [*tensors.values(), *weights.values()])
+        _, descs, out = self.worker.call({**header, "op": "call", "serve": serving(contract)}, tensors,
+                                         self.deadline, doing, reply_limit(expect))  # fmt: skip
+        return descs, [out.get(f"r{i}") for i in range(len(descs))]
 
     def reset(self) -> None:
         self.worker.stop()
@@ -156,12 +165,34 @@ def resolve(spec: str, contract: str = "layer", *, layout: str = "hf", device: s
         known = ", ".join(builtins) or "none (give module:name)"
         raise UserError(f"unknown implementation '{spec}' for the {contract} contract; built-ins: {known}, or give "
                         "package.module:name (or path/to/file.py:name)")  # fmt: skip
+    check_spec(spec)
+    return Isolated(spec, contract, layout=layout, device=device)
+
+
+def check_spec(spec: str) -> None:
+    """What can be told of a SPEC without running any of its code: its form, that its file exists, that its
+    top-level module can be found. Anything else (its import raising, a missing name) is the worker's to find,
+    and a verdict for that implementation only."""
     mod_name, _, attr = spec.rpartition(":")
+    if not mod_name.strip():
+        raise UserError(f"'{spec}': no module before ':'; give package.module:name or path/to/file.py:name")
     if not attr.isidentifier():
         raise UserError(f"'{spec}': '{attr}' is not a Python name; give module:name or path/to/file.py:name")
-    if mod_name.endswith(".py") and not Path(mod_name).expanduser().is_file():
-        raise UserError(f"{mod_name}: no such file; give path/to/file.py:name")
-    return Isolated(spec, contract, layout=layout, device=device)
+    if mod_name.endswith(".py"):
+        path = Path(mod_name).expanduser()
+        if not path.is_file():
+            raise UserError(f"{mod_name}: no such file; give path/to/file.py:name")
+        if not os.access(path, os.R_OK):
+            raise UserError(f"{mod_name}: not readable; give a Python file this user can read")
+        return
+    if not all(part.isidentifier() for part in mod_name.split(".")):
+        raise UserError(f"'{mod_name}' is not a module name; give package.module:name or path/to/file.py:name")
+    top = mod_name.split(".")[0]
+    # found as the worker will find it (the checkout, the working directory, sys.path), without importing it
+    where = [str(ROOT), os.getcwd(), *os.environ.get("PYTHONPATH", "").split(os.pathsep), *sys.path]
+    if top not in sys.builtin_module_names and PathFinder.find_spec(top, [p for p in where if p]) is None:
+        raise UserError(f"cannot import '{mod_name}' (no module named '{top}'); check the module path and that it "
+                        "is importable from this directory")  # fmt: skip
 
 
 def builtin(name: str, fn, contract: str = "layer") -> Impl:

@@ -16,6 +16,8 @@ type, shape, dtype or device is `contract`. The run goes on with the other imple
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +25,16 @@ import torch
 
 from harness.checkpoints.format import Fixture, list_fixtures, load_fixture
 from harness.checkpoints.validate import output_dir, output_path
-from harness.common import Parser, UserError, resolve_device, update_generated, write_atomic, write_json
+from harness.common import (
+    Parser,
+    Stopped,
+    UserError,
+    hold_signals,
+    resolve_device,
+    update_generated,
+    write_atomic,
+    write_json,
+)
 from harness.verify import ci_output, contracts, drift, loop, plot, report
 from harness.verify.loop import Context
 from harness.verify.plugins import LAYOUTS, Impl, builtin, resolve
@@ -46,11 +57,14 @@ def resolve_fixtures(names: list[str] | None) -> list[Fixture]:
 
 def verify(fixtures: list[Fixture], impls: list, dtypes: set, quick: bool, log=print, cache: dict | None = None,
            timeout: float = TIMEOUT_S, keep: dict | None = None, grad: bool = False, device: str = "cpu",
-           ) -> tuple[list[Row], list[Verdict]]:  # fmt: skip
+           done: tuple[list, list] | None = None) -> tuple[list[Row], list[Verdict]]:  # fmt: skip
     """impls: Impl objects (or (name, layer function) pairs for harness code, run in this process). cache:
-    reference results keyed by (fixture contents, scenario), reusable across calls."""
+    reference results keyed by (fixture contents, scenario), reusable across calls. done: (rows, verdicts) lists
+    filled as the run goes (what a stopped run has judged)."""
     impls = [i if isinstance(i, Impl) else builtin(*i) for i in impls]
     ctx = Context(dtypes, quick, grad, timeout, device, log, {} if cache is None else cache, keep)
+    if done is not None:
+        ctx.rows, ctx.verdicts = done
     return loop.run(fixtures, impls, ctx)
 
 
@@ -120,16 +134,20 @@ def main(argv=None) -> int:
         drift.check_writable(fixtures)
     torch.manual_seed(0)
     runs: dict = {}
+    rows, verdicts = [], []
     try:
         for i in impls:
             i.launch()  # every worker imports at once (on several cores, side by side)
         for i in impls:
-            i.prepare(a.timeout)  # the user's code imported now: a bad spec stops the run before any work
-        rows, verdicts = verify(fixtures, impls, dtypes, a.quick, timeout=a.timeout, keep=runs if a.plot else None,
-                                grad=a.grad, device=device)  # fmt: skip
+            i.prepare(a.timeout)  # the user's code imported now (a failure is that implementation's verdict)
+        verify(fixtures, impls, dtypes, a.quick, timeout=a.timeout, keep=runs if a.plot else None, grad=a.grad,
+               device=device, done=(rows, verdicts))  # fmt: skip
+    except (KeyboardInterrupt, Stopped) as e:
+        hold_signals()
+        return stopped(a, e, rows, verdicts, time.perf_counter() - t0, len(impls))
     finally:
         for i in impls:
-            i.close()
+            i.close()  # every worker ended (and all it started), whatever ended the run
     seconds = time.perf_counter() - t0
     on_fixtures = any(contracts.get(i.contract).targets(fixtures) == fixtures for i in impls)
     n_fixtures = len(fixtures) if on_fixtures else 0
@@ -157,3 +175,21 @@ def main(argv=None) -> int:
     failed = any(not r.passed and not report.is_drift(r) for r in rows) or any(not v.passed for v in verdicts)
     failed = failed or (a.strict and any(v.imprecise for v in verdicts))
     return 1 if failed else 0
+
+
+def stopped(a, e: BaseException, rows: list, verdicts: list, seconds: float, n_impls: int) -> int:
+    """Ctrl-C, SIGTERM or SIGHUP during the run: the workers are ended (by the caller's `finally`), one line says
+    so, and --json/--junit get what was judged until then, marked as stopped. Exit code 128 + the signal."""
+    signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+    name = signal.Signals(signum).name
+    wrote = []
+    if a.json:
+        write_json(a.json, report.document(rows, verdicts, seconds, strict=a.strict) | {"stopped": name})
+        wrote.append(str(a.json))
+    if a.junit:
+        write_atomic(a.junit, ci_output.junit(rows, verdicts, strict=a.strict))
+        wrote.append(str(a.junit))
+    print(f"error: stopped by {name} after {seconds:.0f} s, {len(verdicts)} verdict(s) given ({n_impls} "
+          "implementation(s) asked); workers ended" + (f"; wrote {', '.join(wrote)}" if wrote else ""),
+          file=sys.stderr)  # fmt: skip
+    return 128 + signum

@@ -1,18 +1,21 @@
 """The process boundary between the judge and the code it judges.
 
 Every implementation that is not a built-in runs in its own worker: a fresh Python interpreter (a subprocess,
-never a fork) that imports the user's code and answers calls. The parent holds the fixtures and the references
-and computes every comparison and verdict; inputs reach the worker as copies and outputs come back as copies. So
-the code under test cannot edit the parent's tensors, change its torch state, patch its comparison, or end its
-run: an exit (any code, 0 included) or a signal is a dead worker, a hang is a killed one.
+never a fork) that imports the user's code and answers calls, in namespaces of its own (isolation.py: it cannot
+open the judge's memory, signal the judge or another worker, or outlive its verdict). The parent holds the
+fixtures and the references and computes every comparison and verdict; inputs reach the worker as copies and
+outputs come back as copies. So the code under test cannot edit the parent's tensors, change its torch state, patch
+its comparison, or end its run: an exit (any code, 0 included) or a signal is a dead worker, a hang a killed one.
 
-    parent                                          worker (python -m harness.verify.worker SPEC CONTRACT)
+    parent                                          worker (python -m harness.verify.worker SPEC CONTRACT IN OUT)
     Worker.call(op, header, tensors) --message-->   import SPEC; per message: copy inputs, call, describe output
                                      <--message--   {"ok": true, ...} + tensors, or {"ok": false, "error": ...}
 
 A message is a length-prefixed JSON header and a safetensors blob: nothing in it can execute code, so the parent
-never unpickles what the worker sends. The worker's stdout is redirected to its stderr (a print in user code
-cannot corrupt the channel); its stderr goes to a file whose tail is shown when it dies.
+never unpickles what the worker sends. The channel is two pipes on descriptors 3 and up; stdin is /dev/null and
+stdout and stderr go to a file whose tail is shown when the worker dies, so code that reads stdin or prints cannot
+touch the channel. The parent believes nothing the worker says about its output: the sizes are read first and
+capped by what the contract can need, and each description is checked against the tensor that really arrived.
 """
 
 from __future__ import annotations
@@ -36,10 +39,22 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from harness.common import ROOT, UserError
+from harness.common import ROOT, UserError, one_line
+from harness.verify import isolation
 from harness.verify.specs import import_spec
 
-MAX_HEADER = 1 << 24  # bytes of JSON a message may carry
+MAX_HEADER = 1 << 24  # bytes of JSON a message to a worker may carry (a config, a key)
+MAX_REPLY_HEADER = 1 << 20  # bytes of JSON a reply may carry: descriptions and an error's traceback
+MAX_RESULTS = 64  # items a reply may describe
+SLACK = 1 << 16  # bytes a reply's blob may carry beyond its tensors' data (the safetensors header)
+ELEMENT = 8  # bytes of the widest element that can travel (float64, int64)
+SENDABLE = {torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+            torch.int8, torch.uint8, torch.bool}  # fmt: skip
+
+
+def reply_limit(elements: int) -> int:
+    """The most bytes a reply's blob may take when the contract's outputs hold at most `elements` numbers."""
+    return elements * ELEMENT + SLACK
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -63,6 +78,15 @@ class Closed(Exception):
     """The other side is gone (end of file)."""
 
 
+@dataclass
+class TooLarge(Exception):
+    """A message announced more bytes than its reader allows: nothing beyond its 16-byte prefix was read."""
+
+    part: str  # "header" | "blob"
+    size: int
+    limit: int
+
+
 def _read_exact(fd: int, n: int, deadline: float | None) -> bytes:
     out = bytearray()
     while len(out) < n:
@@ -77,10 +101,14 @@ def _read_exact(fd: int, n: int, deadline: float | None) -> bytes:
     return bytes(out)
 
 
-def read_message(fd: int, deadline: float | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_message(fd: int, deadline: float | None = None, max_head: int = MAX_HEADER,
+                 max_blob: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:  # fmt: skip
+    """One message; its announced sizes are checked before anything else is read (TooLarge)."""
     n_head, n_blob = struct.unpack("<QQ", _read_exact(fd, 16, deadline))
-    if n_head > MAX_HEADER:
-        raise ValueError(f"message header of {n_head} bytes")
+    if n_head > max_head:
+        raise TooLarge("header", n_head, max_head)
+    if max_blob is not None and n_blob > max_blob:
+        raise TooLarge("blob", n_blob, max_blob)
     head = _read_exact(fd, n_head, deadline)
     return unpack(head, _read_exact(fd, n_blob, deadline))
 
@@ -96,32 +124,33 @@ def write_message(fd: int, header: dict, tensors=None) -> None:
 
 
 def describe(obj) -> dict:
-    """What came back, in words the parent can check without trusting it."""
+    """What came back, in words the parent checks against the tensors that arrive (it never trusts them)."""
     if not isinstance(obj, torch.Tensor):
         return {"type": type(obj).__module__ + "." + type(obj).__qualname__}
     d = {"type": "tensor", "shape": list(obj.shape), "dtype": str(obj.dtype).removeprefix("torch."),
          "device": str(obj.device), "layout": str(obj.layout).removeprefix("torch.")}  # fmt: skip
-    d["sendable"] = obj.layout == torch.strided and obj.device.type != "meta"
+    d["sendable"] = (obj.layout == torch.strided and obj.device.type != "meta" and not obj.is_quantized
+                     and obj.dtype in SENDABLE)  # fmt: skip
     return d
 
 
 def results(value) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """The call's return value -> descriptions and the tensors that can travel (out, or out and lse)."""
+    """The call's return value -> descriptions and the tensors that can travel (out, or out and lse). Items of a
+    tuple say so (`in_tuple`): a 1-tuple is not the tensor a contract asks for."""
     items = list(value) if isinstance(value, tuple) else [value]
-    descs, tensors = [describe(v) for v in items], {}
+    descs, tensors = [describe(v) | ({"in_tuple": True} if isinstance(value, tuple) else {}) for v in items], {}
     for i, (d, v) in enumerate(zip(descs, items, strict=True)):
         if d.get("sendable"):
             tensors[f"r{i}"] = v.detach()
     return descs, tensors
 
 
-def serve(spec: str, contract: str) -> None:
+def serve(spec: str, contract: str, proto_in: int, proto_out: int) -> None:
     """The worker's main loop. Exits when the parent closes the channel. Each call names the function that runs
     the code (`module:function`, taking (code, header, tensors, state)): this loop knows no contract."""
-    proto_out = os.dup(1)
-    os.dup2(2, 1)  # user code that prints writes to stderr, never into the channel
-    proto_in = 0
-    sys.stdin = open(os.devnull)  # noqa: SIM115 - the channel is fd 0; user code reading stdin gets nothing
+    isolation.protect_self()  # another worker (or anything not privileged over this one) cannot open its memory
+    for fd in (proto_in, proto_out):
+        os.set_inheritable(fd, False)  # what the code starts does not get the channel
     try:
         obj = import_spec(spec, {}, what=contract)
     except UserError as e:
@@ -146,7 +175,7 @@ def serve(spec: str, contract: str) -> None:
 
 
 def error(e: BaseException) -> dict:
-    return {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()}
+    return {"type": type(e).__name__, "message": str(e)[:4000], "traceback": traceback.format_exc()[-60_000:]}
 
 
 def handle(obj, header: dict, t: dict, state: dict):
@@ -166,7 +195,7 @@ def handle(obj, header: dict, t: dict, state: dict):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the parent side
+# the parent side: a reply is words and bytes from untrusted code, checked before they are believed
 
 
 @dataclass
@@ -181,6 +210,47 @@ class Fault(Exception):
         return self.message
 
 
+def _text(x, limit: int) -> str:
+    """A string from the worker, as shown in a verdict: never longer than limit, one line."""
+    return one_line(x if isinstance(x, str) else repr(x)[:limit], limit)
+
+
+def _claimed(d: dict) -> dict:
+    """A description of an item that did not travel, reduced to words safe to print."""
+    out = {"type": _text(d.get("type"), 120)}
+    if out["type"] == "tensor":
+        shape = d.get("shape")
+        out |= {"shape": shape if isinstance(shape, list) and all(type(n) is int for n in shape[:16]) else "?",
+                "dtype": _text(d.get("dtype"), 40), "device": _text(d.get("device"), 40),
+                "layout": _text(d.get("layout"), 40), "sendable": False}  # fmt: skip
+    return out
+
+
+def checked(reply: dict, tensors: dict[str, torch.Tensor]) -> list[dict]:
+    """The reply's descriptions, made from the tensors that really arrived (shape, dtype); the worker's words are
+    kept only for what did not travel (its type name, a tensor's device). A description that disagrees with its
+    tensor, or a tensor nobody described, is `contract`; a malformed reply is `crash`."""
+    items = reply.get("results")
+    if not isinstance(items, list) or len(items) > MAX_RESULTS or not all(isinstance(d, dict) for d in items):
+        raise Fault("crash", "the implementation's process sent a malformed reply (no list of results)")
+    descs = []
+    for i, d in enumerate(items):
+        t = tensors.pop(f"r{i}", None)
+        if t is None:
+            descs.append(_claimed(d))
+            continue
+        real = describe(t) | {"device": _text(d.get("device"), 40)}
+        if d.get("type") != "tensor" or d.get("shape") != real["shape"] or d.get("dtype") != real["dtype"]:
+            said = _claimed(d)
+            said = f"{said.get('shape')} {said.get('dtype')}" if said["type"] == "tensor" else said["type"]
+            raise Fault("contract", f"the reply describes output {i} as {said} but carries a tensor "
+                        f"{real['shape']} {real['dtype']}: a reply must carry what it says")  # fmt: skip
+        descs.append(real | ({"in_tuple": True} if d.get("in_tuple") is True else {}))
+    if tensors:
+        raise Fault("contract", f"the reply carries tensors no result describes ({', '.join(sorted(tensors)[:4])})")
+    return descs
+
+
 class Worker:
     """One implementation's worker process. `call` raises Fault when the worker dies or runs out of time; after
     that the worker is gone and the next call starts a new one."""
@@ -188,7 +258,7 @@ class Worker:
     def __init__(self, spec: str, contract: str, device: str = "cpu", serve_module: str = ""):
         self.spec, self.contract, self.device = spec, contract, device
         self.serve_module = serve_module  # the module whose function runs the code, imported in the worker
-        self.proc = None
+        self.proc: isolation.Process | None = None
         self.ready = False  # launched and answered: its code imported
         self.sent: set[str] = set()  # weight keys the current worker holds
 
@@ -197,88 +267,114 @@ class Worker:
         user's code side by side. `start` (or the first call) waits for its answer."""
         if self.proc is not None:
             return
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - the worker's stderr, read when it dies
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - the worker's stdout and stderr, read when it dies
         env = dict(os.environ)
         path = [str(ROOT), os.getcwd(), *import_root(self.serve_module), env.get("PYTHONPATH", "")]
         env["PYTHONPATH"] = os.pathsep.join(path).rstrip(os.pathsep)
         env["PYTHONUNBUFFERED"] = "1"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "harness.verify.worker", self.spec, self.contract],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env, start_new_session=True,
-        )  # fmt: skip
+        to_worker, self.fd_in = os.pipe()  # the parent writes fd_in...
+        self.fd_out, from_worker = os.pipe()  # ...and reads fd_out
+        argv = [sys.executable, "-m", "harness.verify.worker", self.spec, self.contract, str(to_worker),
+                str(from_worker)]  # fmt: skip
+        try:
+            self.proc = isolation.spawn(argv, env=env, log=self.log, pass_fds=(to_worker, from_worker))
+        except BaseException:
+            os.close(self.fd_in)
+            os.close(self.fd_out)
+            raise
+        finally:
+            os.close(to_worker)
+            os.close(from_worker)
         self.sent = set()
         self.ready = False
 
     def start(self, deadline: float | None) -> None:
         self.launch()
-        header, _ = self._receive(deadline, "starting (importing the code)")
-        if not header.get("ok"):
-            err = header.get("error", {})
-            if err.get("type") in ("UserError", "ModuleNotFoundError", "ImportError", "SyntaxError"):
-                self.stop()
-                raise UserError(err.get("message", "")) if err.get("type") == "UserError" else UserError(
-                    f"cannot import '{self.spec}' ({err.get('type')}: {err.get('message', '')[:150]}); check the "
-                    "module path and that it imports on its own")  # fmt: skip
+        header, _ = self._receive(deadline, "starting (importing the code)", MAX_REPLY_HEADER, 0)
+        if header.get("ok") is not True:
+            err = header.get("error") if isinstance(header.get("error"), dict) else {}
             self.stop()
-            raise Fault("crash", f"importing {self.spec} raised {err.get('type')}: {err.get('message', '')}",
-                        err.get("traceback"))  # fmt: skip
+            # the worker's words, shown as this implementation's verdict: never as the harness's own error
+            raise Fault("crash", f"importing {self.spec} failed: {_text(err.get('type'), 80)}: "
+                        f"{_text(err.get('message'), 600)}", _text(err.get("traceback"), 60_000))  # fmt: skip
         self.ready = True
 
-    def _receive(self, deadline, doing: str):
+    def _receive(self, deadline, doing: str, max_head: int, max_blob: int | None):
         try:
-            return read_message(self.proc.stdout.fileno(), deadline)
+            return read_message(self.fd_out, deadline, max_head, max_blob)
         except TimeoutError:
             self.stop()
             raise Fault("timeout", f"no answer within the time limit while {doing}: the worker was killed "
                         "(raise --timeout if it is only slow)") from None  # fmt: skip
-        except (Closed, ValueError, OSError, struct.error) as e:
-            code = self.proc.wait() if self.proc.poll() is not None or isinstance(e, Closed) else None
+        except TooLarge as e:
+            self.stop()
+            raise Fault("contract", f"while {doing}, its reply announced a {e.part} of {e.size} bytes; what the "
+                        f"contract asks for fits in {e.limit} bytes (nothing more was read)") from None  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - whatever the bytes were (garbage, a broken safetensors blob)
+            ended = self.proc.proc.poll() is not None or isinstance(e, Closed)
+            code = self._wait() if ended else None
             tail = self.tail()
             self.stop()
-            how = _exit_words(code) if code is not None else f"sent an unreadable message ({e})"
+            how = _exit_words(code) if code is not None else f"sent an unreadable message ({type(e).__name__})"
             raise Fault("crash", f"the implementation's process {how} while {doing}" + (f"; its last output: {tail}"
                         if tail else ""), tail) from None  # fmt: skip
 
+    def _wait(self) -> int | None:
+        try:
+            self.proc.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            return None
+        return self.proc.exit_code()
+
     def tail(self, n: int = 300) -> str:
         try:
-            self.log.seek(0)
+            self.log.seek(0, os.SEEK_END)
+            size = self.log.tell()
+            self.log.seek(max(0, size - 64 * n))
             text = self.log.read().decode(errors="replace")
         except (OSError, ValueError, AttributeError):
             return ""
         return " ".join(text.split())[-n:]
 
-    def call(self, header: dict, tensors: dict, deadline: float | None, doing: str):
+    def call(self, header: dict, tensors: dict, deadline: float | None, doing: str, max_blob: int | None = None):
+        """-> (reply, [descriptions checked against the tensors that arrived], tensors by name)."""
         if not self.ready:
             self.start(deadline)
         try:
-            write_message(self.proc.stdin.fileno(), {**header, "device": self.device}, tensors)
+            write_message(self.fd_in, {**header, "device": self.device}, tensors)
         except OSError:
             pass  # it died: the read below says how
-        reply, out = self._receive(deadline, doing)
-        if not reply.get("ok"):
-            err = reply.get("error", {})
-            raise Fault("crash", f"raised {err.get('type')}: {err.get('message', '')}", err.get("traceback"))
-        return reply, out
+        reply, out = self._receive(deadline, doing, MAX_REPLY_HEADER, max_blob)
+        if reply.get("ok") is not True:
+            err = reply.get("error") if isinstance(reply.get("error"), dict) else {}
+            raise Fault("crash", f"raised {_text(err.get('type'), 80)}: {_text(err.get('message'), 2000)}",
+                        _text(err.get("traceback"), 60_000) if "traceback" in err else None)  # fmt: skip
+        if header.get("op") == "weights":
+            return reply, [], out
+        try:
+            descs = checked(reply, dict(out))
+        except Fault:
+            self.stop()  # a worker that lies about its output is not asked again
+            raise
+        return reply, descs, out
 
     def weights(self, key: str, config: dict, weights: dict, deadline) -> None:
         if not self.ready or key not in self.sent:
-            self.call({"op": "weights", "key": key, "config": config}, weights, deadline, "receiving weights")
+            self.call({"op": "weights", "key": key, "config": config}, weights, deadline, "receiving weights", 0)
             self.sent.add(key)
 
     def stop(self) -> None:
         if self.proc is None:
             return
+        isolation.kill(self.proc)  # the worker and everything it started
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the worker and anything it started
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(timeout=10)
+            self.proc.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
-        for f in (self.proc.stdin, self.proc.stdout):
+        self.proc.close()
+        for fd in (self.fd_in, self.fd_out):
             try:
-                f.close()
+                os.close(fd)
             except OSError:
                 pass
         self.proc, self.ready = None, False
@@ -303,4 +399,4 @@ def _exit_words(code: int) -> str:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], sys.argv[2])
+    serve(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

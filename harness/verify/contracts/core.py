@@ -67,7 +67,8 @@ def reference(target, s, ctx, device="cpu") -> kernels.KernelCase:
 def run_kernel(impl, q, k, v, *, causal=True, scale=None, mask=None):
     """-> (out, lse or None), checked, where q is (the kernel diagnosis's probes call it too)."""
     t = {"q": q, "k": k, "v": v} | ({} if mask is None else {"attention_mask": mask})
-    descs, items = impl.call(THIS, {"causal": causal, "scale": scale}, t, "running the kernel")
+    descs, items = impl.call(THIS, {"causal": causal, "scale": scale}, t, "running the kernel",
+                             expect=q.numel() + q[..., 0].numel())  # out and lse  # fmt: skip
     return check_output(descs, items, q, impl.device)
 
 
@@ -78,7 +79,7 @@ def call(impl, target, s, c: kernels.KernelCase):
 def check_output(descs: list[dict], items: list, q: torch.Tensor, device=None):
     """out [B, H, Sq, d] in q's dtype, or (out, lse [B, H, Sq] float32), on its device; returned where q is."""
     dev = torch.device(device or q.device)
-    if len(descs) not in (1, 2):
+    if len(descs) not in (1, 2) or (len(descs) == 1 and descs[0].get("in_tuple")):
         raise Fault("contract", f"the kernel returned a tuple of {len(descs)}, expected out or (out, lse)")
     check_tensor("the kernel's out", descs[0], items[0], q.shape, q.dtype, dev)
     lse = None

@@ -148,7 +148,7 @@ def forward(impl, key: str, config: dict, weights: dict, x, pos, mask) -> torch.
     c = contracts.get(impl.contract)  # layer or module: they differ only in how serve() calls the code
     t = {"x": x, "position_ids": pos} | ({} if mask is None else {"attention_mask": mask})
     preload = (key, config, in_layout(weights, config, impl.layout))
-    descs, items = impl.call(c, {"key": key}, t, "running the layer", preload)
+    descs, items = impl.call(c, {"key": key}, t, "running the layer", preload, expect=x.numel())
     check_output(descs, items[0] if items else None, x, impl.device)
     return items[0].to(x.device)
 
@@ -178,7 +178,7 @@ def check_tensor(what: str, desc: dict, t, shape, dtype, device) -> None:
 
 def check_output(descs: list[dict], out, x: torch.Tensor, device=None) -> None:
     """A layer's output: one tensor of x's shape and dtype, on the device the implementation was given."""
-    if len(descs) != 1:
+    if len(descs) != 1 or descs[0].get("in_tuple"):
         raise Fault("contract", f"the layer returned a tuple of {len(descs)}, expected one tensor {list(x.shape)}")
     check_tensor("the layer", descs[0], out, x.shape, x.dtype, torch.device(device or x.device))
 
