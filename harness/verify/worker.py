@@ -267,6 +267,7 @@ class Worker:
         user's code side by side. `start` (or the first call) waits for its answer."""
         if self.proc is not None:
             return
+        isolation.protect_self()  # the judge: no unprivileged process may open its memory (idempotent)
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - the worker's stdout and stderr, read when it dies
         env = dict(os.environ)
         path = [str(ROOT), os.getcwd(), *import_root(self.serve_module), env.get("PYTHONPATH", "")]
