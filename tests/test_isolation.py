@@ -141,8 +141,8 @@ def test_the_judge_believes_only_what_it_checks(tmp_path):
     log = tmp_path / "attacks.log"
     args = [a for name in [*want, "reads_stdin"] for a in ("--impl", f"{ATTACKS}:{name}")]
     p, doc = driver(tmp_path, *QUICK, *args, "--impl", "tests/plugins/forges_at_import.py:attention", "--impl",
-                    "tests/plugins/raises_at_import.py:attention", "--impl", INNOCENT,
-                    env={"HOSTILE_LOG": str(log)})  # fmt: skip
+                    "tests/plugins/raises_at_import.py:attention", "--impl", "json:no_such_function", "--impl",
+                    INNOCENT, env={"HOSTILE_LOG": str(log)})  # fmt: skip
     assert p.returncode == 1 and "the fixture is corrupt" not in p.stderr, p.stderr[-2000:]
     v = verdicts(doc)
     for name, (stage, words) in want.items():
@@ -153,6 +153,8 @@ def test_the_judge_believes_only_what_it_checks(tmp_path):
     assert forged["stage"] == "crash" and forged["hint"].startswith("importing tests/plugins/forges_at_import.py")
     raised = v["tests/plugins/raises_at_import.py:attention"]
     assert raised["stage"] == "crash" and "ImportError: this plug-in needs a library" in raised["hint"]
+    missing = v["json:no_such_function"]
+    assert missing["stage"] == "crash" and "has no callable 'no_such_function'" in missing["hint"]
     assert v[INNOCENT]["passed"] is True
 
 

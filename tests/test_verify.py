@@ -154,7 +154,6 @@ def test_external_plugin_module_and_file(tmp_path):
     [
         (["--impl", "nope"], "unknown implementation"),
         pytest.param(["--impl", "no_such_module_xyz:f"], "cannot import", marks=pytest.mark.slow),  # a worker each
-        pytest.param(["--impl", "json:no_such_function"], "no callable", marks=pytest.mark.slow),
         (["--fixture", "no-such-fixture"], "no fixture"),
         (["--dtype", "float8"], "unknown dtype"),
         (["--bogus"], "unrecognized arguments"),
