@@ -3,8 +3,10 @@
 - `UserError`: bad input. Its message is one line naming the problem and the fix; `run_cli` prints it as
   `error: ...` on stderr and returns 2, never a traceback.
 - `Parser`: argparse whose usage errors are one line and exit 2 too; `many(...)` declares an option that takes
-  several values and accumulates them: `--impl a --impl b` == `--impl a b` (== `--impl a,b` where commas split).
-- `write_atomic` / `write_json`: a temporary file renamed into place, so a reader never sees half a file.
+  several values and accumulates them: `--impl a --impl b` == `--impl a b` (== `--impl a,b` where commas split);
+  given at all, it replaces its default. `number(...)` declares a numeric option checked finite and in range.
+- `write_atomic` / `write_json`: a temporary file renamed into place, so a reader never sees half a file; a write
+  the file system refuses (full, read-only, no permission) is a UserError naming the path.
 - `FIXTURES_DIR` and the folders beside it: where fixtures are (a checkout's fixtures/, or an installed copy's
   package data and user cache); harness/checkpoints/store.py resolves names over them.
 - `heads(config)`: the head sizes every pipeline reads off a config; `compared_rows(x, mask)`: the rows a
@@ -14,7 +16,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import os
 import re
 import signal
@@ -66,18 +70,49 @@ class UserError(Exception):
 
 
 class _Accumulate(argparse.Action):
-    """nargs='+' that extends across repeats (argparse's own keeps only the last), optionally splitting commas."""
+    """nargs='+' that extends across repeats (argparse's own keeps only the last), optionally splitting commas. The
+    first use replaces the default (`--dtype float16` runs float16 only); later repeats add to it."""
 
     def __init__(self, *args, split: bool = False, **kwargs):
         self.split = split
         super().__init__(*args, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        items = list(getattr(namespace, self.dest, None) or [])
+        current = getattr(namespace, self.dest, None)
+        # argparse puts the default object itself on the namespace: still that object means not given yet
+        items = [] if current is None or current is self.default else list(current)
         for v in values:
             parts = [p.strip() for p in v.split(",")] if self.split and isinstance(v, str) else [v]
             items += [p for p in parts if p != ""]
         setattr(namespace, self.dest, items)
+
+
+WEEK_S = 7 * 24 * 3600  # 604800: the longest time limit any option takes (past it, a typo, not a plan)
+
+
+def span(lo: float, hi: float, above: bool = False) -> str:
+    """A range in words, for the help and the error: 'between 1 and 1000', 'above 0 and at most 604800'."""
+    lo_, hi_ = (str(v) if isinstance(v, int) else f"{v:g}" for v in (lo, hi))  # 2**63-1 in full, 0.5 as 0.5
+    return f"above {lo_} and at most {hi_}" if above else f"between {lo_} and {hi_}"
+
+
+def number(flag: str, lo: float, hi: float, *, kind: type = float, unit: str = "", above: bool = False):
+    """An argparse type: the text as an int or a finite float in [lo, hi] ((lo, hi] with above=True); anything
+    else is a UserError naming the option, the value and the range (one line, exit 2)."""
+    what = ("a whole number" if kind is int else "a finite number") + (f" of {unit}" if unit else "")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError, OverflowError):
+            value = None
+        ok = value is not None and math.isfinite(value) and (lo < value if above else lo <= value) and value <= hi
+        if not ok:
+            raise UserError(f"{flag} {text}: give {what} {span(lo, hi, above)}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
 
 
 class Parser(argparse.ArgumentParser):
@@ -88,8 +123,16 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
     def many(self, *flags: str, split: bool = False, **kwargs):
-        """An option that takes several values and accumulates them over repeats; split=True also splits commas."""
+        """An option that takes several values and accumulates them over repeats; split=True also splits commas.
+        Given at all, it replaces its default."""
         return self.add_argument(*flags, nargs="+", action=_Accumulate, split=split, **kwargs)
+
+    def number(self, *flags: str, lo: float, hi: float, kind: type = float, unit: str = "", above: bool = False,
+               help: str = "", **kwargs):  # fmt: skip
+        """A numeric option, checked when parsed (finite, in range); the range is added to its help."""
+        help = f"{help}; {span(lo, hi, above)}" if help else span(lo, hi, above)
+        parse = number(flags[0], lo, hi, kind=kind, unit=unit, above=above)
+        return self.add_argument(*flags, type=parse, help=help, **kwargs)
 
 
 class Stopped(BaseException):
@@ -159,40 +202,64 @@ def one_line(text: str, limit: int | None = None) -> str:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write a result file: a temporary file renamed into place. Whatever is at path must be a regular file (a
-    symlink, a FIFO or a device is refused, never replaced)."""
+    symlink, a FIFO or a device is refused, never replaced). A write the system refuses (a full disk, a read-only
+    file system, no permission, a name too long) is a UserError naming the path; the temporary file is removed."""
     path = Path(path)
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         mode = None
+    except OSError as e:
+        raise _unwritable(path, e) from None
     if mode is not None and not stat.S_ISREG(mode):
         raise UserError(f"{path}: exists and is not a regular file; give the path of a regular file to write")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _unwritable(path, e) from None
         raise
+
+
+def _unwritable(path: Path, e: OSError) -> UserError:
+    why = e.strerror or errno.errorcode.get(e.errno or 0) or str(e)
+    return UserError(f"{one_line(str(path), 200)}: cannot write it ({why}); free some space or give a path on a "
+                     "writable file system")  # fmt: skip
 
 
 def write_json(path: Path, doc) -> None:
     write_atomic(path, (json.dumps(doc, indent=1) + "\n").encode())
 
 
-def update_generated(path: Path, text: str) -> None:
-    """Replace what lies between a docs page's `<!-- generated by: ... -->` and `<!-- end generated -->` lines:
-    measured numbers are written by the command that measures them, never by hand."""
+GENERATED_START, GENERATED_END = "<!-- generated by:", "<!-- end generated -->"
+
+
+def generated_block(path: Path, option: str = "--doc") -> tuple[list[str], int, int]:
+    """A docs page's lines and the indices of its `<!-- generated by: ... -->` and `<!-- end generated -->` lines;
+    a UserError when the page cannot be read or has no such block. Called before a run, so a --doc page that cannot
+    be filled is refused before the work, not after."""
     path = Path(path)
     try:
         lines = path.read_text().splitlines(keepends=True)
-        start = next(i for i, ln in enumerate(lines) if ln.startswith("<!-- generated by:"))
-        end = next(i for i, ln in enumerate(lines) if i > start and ln.startswith("<!-- end generated -->"))
-    except (OSError, StopIteration):
-        raise UserError(f"{path}: no '<!-- generated by: ... -->' ... '<!-- end generated -->' block to fill; "
-                        "give the docs page that has one") from None  # fmt: skip
+        start = next(i for i, ln in enumerate(lines) if ln.startswith(GENERATED_START))
+        end = next(i for i, ln in enumerate(lines) if i > start and ln.startswith(GENERATED_END))
+    except (OSError, UnicodeDecodeError, StopIteration):
+        raise UserError(f"{option} {path}: no '<!-- generated by: ... -->' ... '<!-- end generated -->' block to "
+                        "fill; give the docs page that has one") from None  # fmt: skip
+    return lines, start, end
+
+
+def update_generated(path: Path, text: str) -> None:
+    """Replace what lies between a docs page's `<!-- generated by: ... -->` and `<!-- end generated -->` lines:
+    measured numbers are written by the command that measures them, never by hand."""
+    lines, start, end = generated_block(path)
     write_atomic(path, "".join(lines[: start + 1] + [text.rstrip("\n") + "\n"] + lines[end:]).encode())
 
 
@@ -243,6 +310,8 @@ def resolve_device(text: str | None) -> torch.device:
         raise UserError(f"--device {text}: not a device; give cpu, cuda or cuda:N") from None
     if dev.type not in ("cpu", "cuda"):
         raise UserError(f"--device {text}: only cpu and cuda are supported")
+    if dev.type == "cpu" and dev.index not in (None, 0):  # torch has one cpu device; cpu:1 would silently be it
+        raise UserError(f"--device {text}: there is one cpu device (cpu or cpu:0); give --device cpu")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {text}: this machine has no CUDA device (or torch is a CPU build); use "

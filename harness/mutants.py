@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from harness.bugs.catalog import BY_NAME, CATALOG, Bug
 from harness.checkpoints.validate import output_path
-from harness.common import Parser, UserError, update_generated, write_json
+from harness.common import Parser, UserError, generated_block, update_generated, write_json
 from harness.verify.run import DTYPES, builtin, resolve_fixtures, verify
 
 MIN_TUNED_STAGE = 0.9  # of the tuned bugs, the share whose stage the verdict must name
@@ -148,6 +148,8 @@ def main(argv=None) -> int:
     for path, option in ((a.json, "--json"), (a.doc, "--doc")):
         if path:
             output_path(path, option)
+    if a.doc:
+        generated_block(a.doc)  # the block the run fills: there now, not found missing after the run
     unknown = [n for n in a.mutant or [] if n not in BY_NAME]
     if unknown:
         raise UserError(f"unknown mutant '{unknown[0]}'; see the catalog in harness/bugs/catalog.py")

@@ -37,6 +37,7 @@ import pytest
 NAME = "attention-verify"  # the root node; its id is the first part of every item's
 KINDS = {"impl": "layer", "module": "module", "core": "core"}  # entry key / option suffix -> contract (verify's)
 CHECKS = {"core": ("forward", "lse")}  # per contract, the checks of a case (default: forward only)
+WEEK_S = 7 * 24 * 3600  # the longest --attention-timeout, as verify's (harness.common.WEEK_S; not imported: torch)
 OPTIONAL = {("core", "lse")}  # checks the code may decline to give (a kernel that returns out only)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # run.DTYPES, named without importing torch
 
@@ -90,7 +91,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--attention-device", metavar="DEVICE",
                 help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     g.addoption("--attention-timeout", type=float, metavar="SECONDS",
-                help="per implementation and fixture (default: verify's)")
+                help="per implementation and fixture (default: verify's); above 0 and at most 604800")
     parser.addini("attention_verify", type="linelist", default=[],
                   help="implementations to verify, one a line: impl=SPEC, module=SPEC or core=SPEC")
     parser.addini("attention_verify_quick", type="bool", default=False,
@@ -145,8 +146,9 @@ def read_settings(config: pytest.Config) -> Settings:
         if d not in DTYPE_NAMES:
             raise pytest.UsageError(f"--attention-dtype: unknown dtype '{d}'; choose from {', '.join(DTYPE_NAMES)}")
     timeout = config.getoption("attention_timeout")
-    if timeout is not None and not timeout > 0:
-        raise pytest.UsageError(f"--attention-timeout {timeout:g}: give a positive number of seconds")
+    if timeout is not None and not 0 < timeout <= WEEK_S:  # NaN and inf fail it too
+        raise pytest.UsageError(f"--attention-timeout {timeout:g}: give a finite number of seconds above 0 and at "
+                                f"most {WEEK_S}")  # fmt: skip
     args = [str(a) for a in config.args]
     picks = [a for a in args if is_pick(a)]
     if picks and not wanted:

@@ -172,7 +172,7 @@ def test_golden_uses_an_explicit_causal_mask(tmp_path, small_hf_dir):
         (["--source", "/no/such/dir"], "neither"),
         (["--source", "hf:not-a-repo-id"], "OWNER/NAME"),
         (["--synthetic"], "--config"),
-        (["--layer", "x"], "invalid int"),
+        (["--layer", "x"], "--layer x: give a whole number between 0 and 65535"),
     ],
 )
 def test_bad_arguments_are_one_line_exit_2(tmp_path, args, match, monkeypatch):

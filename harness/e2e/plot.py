@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from harness.checkpoints.format import WEIGHT_NAMES
-from harness.checkpoints.validate import output_path
+from harness.checkpoints.validate import MAX_HEADS, output_path
 from harness.common import DOCS, ROOT, Parser, UserError, write_atomic
 from harness.e2e.model import DEFAULT_MODEL, load_model
 from impl import naive, tiled
@@ -27,6 +27,7 @@ from impl.projection import project_qkv
 DEFAULT_OUT = DOCS / "attention.png"
 DEFAULT_PROMPT = "The Eiffel Tower is in Paris, and the Colosseum is in Rome."
 IMPLS = ("naive", "tiled")
+MAX_LAYER = (1 << 16) - 1  # as extract --layer; the model's own count is checked once it is loaded
 
 
 @torch.inference_mode()
@@ -100,6 +101,17 @@ def draw(ours, ref, labels: list[str], heads: list[int], title: str):
     return buf.getvalue(), dmax
 
 
+def _heads(text: str) -> list[int]:
+    """--heads: comma-separated head indices, checked as the option is read (the model's count, once loaded)."""
+    try:
+        heads = [int(h) for h in text.split(",")]
+    except ValueError:
+        heads = []
+    if not heads or not all(0 <= h < MAX_HEADS for h in heads):
+        raise UserError(f"--heads {text}: give comma-separated head indices, e.g. 0,1,2")
+    return heads
+
+
 def main(argv=None) -> int:
     p = Parser(
         prog="attention-verify plot",
@@ -107,9 +119,9 @@ def main(argv=None) -> int:
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m (default), hf:OWNER/NAME[@REV], or a directory")
     p.add_argument("--impl", default="tiled", choices=IMPLS, help="whose probabilities (default tiled, via its lse)")
-    p.add_argument("--layer", type=int, default=0)
+    p.number("--layer", lo=0, hi=MAX_LAYER, kind=int, default=0, help="the layer (default 0)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--heads", help="comma-separated head indices (default: all, at most 12)")
+    p.add_argument("--heads", type=_heads, help="comma-separated head indices (default: all, at most 12)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"PNG path (default {DEFAULT_OUT.relative_to(ROOT)})")
     a = p.parse_args(argv)
     if not a.prompt.strip():
@@ -124,12 +136,9 @@ def main(argv=None) -> int:
         raise UserError(f"--layer {a.layer}: {model.name} has layers 0..{L - 1}")
     heads = list(range(min(H, 12)))
     if a.heads:
-        try:
-            heads = [int(h) for h in a.heads.split(",")]
-        except ValueError:
-            raise UserError(f"--heads {a.heads}: expected comma-separated integers, e.g. 0,1,2") from None
+        heads = a.heads
         if not all(0 <= h < H for h in heads):
-            raise UserError(f"--heads {a.heads}: {model.name} has heads 0..{H - 1}")
+            raise UserError(f"--heads {','.join(map(str, heads))}: {model.name} has heads 0..{H - 1}")
     ids = model.tokenizer(a.prompt, return_tensors="pt")["input_ids"]  # (1, S)
     if ids.shape[1] > 64:
         raise UserError(f"--prompt has {ids.shape[1]} tokens; at most 64 keep the token labels readable")

@@ -27,7 +27,10 @@ def read_prompts(path: str | None) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--prompts {path}: no such file; give a text file with one prompt per line, or a JSON list")
-    text = p.read_text(encoding="utf-8", errors="replace")
+    try:
+        text = p.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:  # no permission, an I/O error
+        raise UserError(f"--prompts {path}: cannot read it ({e.strerror}); give a readable text file") from None
     if p.suffix == ".json":
         try:
             prompts = json.loads(text)

@@ -12,8 +12,8 @@ import argparse
 import time
 from pathlib import Path
 
-from harness.checkpoints.validate import output_path
-from harness.common import Parser, UserError, resolve_device, write_json
+from harness.checkpoints.validate import input_file, output_path
+from harness.common import WEEK_S, Parser, UserError, resolve_device, write_json
 from harness.e2e.infer import run_e2e
 from harness.e2e.model import DEFAULT_MODEL, load_model
 from harness.e2e.prompts import read_prompts
@@ -22,6 +22,9 @@ from harness.e2e.train import run_train
 from harness.verify.plugins import LAYOUTS, resolve
 from harness.verify.worker import Fault
 from impl import CORES
+
+MAX_TOKENS = 1 << 16  # greedy tokens per prompt: past any model's context here
+MAX_STEPS = 100_000  # optimizer steps: a check, not a training run
 
 
 def parse(argv) -> argparse.Namespace:
@@ -36,23 +39,21 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--module", help="a module factory module:build, build(config, weights) -> layer")
     p.add_argument("--weights-layout", choices=LAYOUTS, default="hf", help="q/k row order: hf (default) or meta")
     p.add_argument("--prompts", help="a text file with one prompt per line, or a JSON list of strings")
-    p.add_argument("--tokens", type=int, default=32, help="greedy tokens to generate per prompt (default 32)")
+    p.number("--tokens", lo=1, hi=MAX_TOKENS, kind=int, default=32,
+             help="greedy tokens to generate per prompt (default 32)")  # fmt: skip
     p.add_argument("--train", action="store_true", help="training instead: one forward and backward (loss and every "
                    "parameter's gradient), then optimizer steps, against transformers")  # fmt: skip
-    p.add_argument("--steps", type=int, default=10, help="AdamW steps with --train (default 10)")
-    p.add_argument("--timeout", type=float, default=1800.0, metavar="SECONDS",
-                   help="for the whole model run (default 1800): past it, stage timeout")
+    p.number("--steps", lo=0, hi=MAX_STEPS, kind=int, default=10, help="AdamW steps with --train (default 10)")
+    p.number("--timeout", lo=0, hi=WEEK_S, above=True, unit="seconds", default=1800.0, metavar="SECONDS",
+             help="for the whole model run (default 1800): past it, stage timeout")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--json", type=Path, help="write the result as JSON to this path")
     a = p.parse_args(argv)
-    if a.tokens < 1:
-        raise UserError(f"--tokens {a.tokens}: must be at least 1")
-    if a.steps < 0:
-        raise UserError(f"--steps {a.steps}: must be 0 or more")
-    if not a.timeout > 0:
-        raise UserError(f"--timeout {a.timeout:g}: give a positive number of seconds")
     if a.json:
         output_path(a.json, "--json")
+    if a.prompts is not None:
+        input_file(a.prompts, "--prompts", "give a text file with one prompt per line, or a JSON list")
+    resolve_device(a.device)  # one that exists, before the model loads
     if a.impl and a.module:
         raise UserError("give --impl or --module, not both")
     return a

@@ -26,9 +26,11 @@ import torch
 from harness.checkpoints.format import Fixture, list_fixtures, load_fixture
 from harness.checkpoints.validate import output_dir, output_path
 from harness.common import (
+    WEEK_S,
     Parser,
     Stopped,
     UserError,
+    generated_block,
     hold_signals,
     resolve_device,
     update_generated,
@@ -86,8 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="the short scenario set")
     p.add_argument("--grad", action="store_true", help="the backward pass too: gradients of sum(out * g) w.r.t. x "
                    "and the weights (layers, modules) or q, k, v (kernels), against transformers through autograd")
-    p.add_argument("--timeout", type=float, default=TIMEOUT_S, metavar="SECONDS",
-                   help=f"per implementation and fixture (default {TIMEOUT_S:g}): past it, stage timeout")
+    p.number("--timeout", lo=0, hi=WEEK_S, above=True, unit="seconds", default=TIMEOUT_S, metavar="SECONDS",
+             help=f"per implementation and fixture (default {TIMEOUT_S:g}): past it, stage timeout")
     p.add_argument("--strict", action="store_true",
                    help="an imprecise implementation (passes 1e-3, far less precise than transformers) fails too")
     p.add_argument("--plot", type=Path, metavar="DIR", help="a PNG of where the error sits for every failing or "
@@ -111,6 +113,7 @@ def main(argv=None) -> int:
         output_dir(a.plot, "--plot")
     if a.doc:
         output_path(a.doc, "--doc")
+        generated_block(a.doc)  # the block the run fills: there now, not found missing after the run
     if a.junit:
         output_path(a.junit, "--junit")
         ci_output.require_junitparser()
@@ -120,8 +123,6 @@ def main(argv=None) -> int:
     unknown = [d for d in a.dtype if d not in DTYPES]
     if unknown:
         raise UserError(f"--dtype: unknown dtype '{unknown[0]}'; choose from {', '.join(DTYPES)}")
-    if not a.timeout > 0:
-        raise UserError(f"--timeout {a.timeout:g}: give a positive number of seconds")
     dtypes = {DTYPES[d] for d in a.dtype}
     device = str(resolve_device(a.device))
     asked = {c.NAME: getattr(a, c.OPTION.removeprefix("--").replace("-", "_")) or [] for c in named}
