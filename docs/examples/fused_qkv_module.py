@@ -4,7 +4,9 @@ rotary table, RoPE on interleaved channel pairs as in Meta's checkpoints), verif
     attention-verify verify --module docs/examples/fused_qkv_module.py:build --weights-layout meta
 
 `build(config, weights)` is called once per fixture and dtype; `--weights-layout meta` hands it q/k rows in Meta's
-interleaved order, which is what this module's pairing expects (with HF's order it fails, stage rope).
+interleaved order, which is what this module's pairing expects (with HF's order it fails, stage rope). config
+carries the run's sizes, max_batch_size, max_seq_len and max_position (the largest position id): the rotary table
+is sized by the last (a guess falls short: beyond_context reaches 2 x max_position_embeddings).
 TABLE_DTYPE = torch.bfloat16 reproduces a real precision bug: a rotary table kept in bfloat16.
 """
 
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 TABLE_DTYPE = torch.float32
-MAX_POSITIONS = 1 << 17
+MAX_POSITIONS = 1 << 17  # where no size is given (e2e gives none: it runs this module on its own prompts)
 
 
 def rotary_table(n: int, d: int, theta: float, dtype=TABLE_DTYPE) -> torch.Tensor:
@@ -43,7 +45,8 @@ class Attention(nn.Module):
         self.wqkv.weight.data.copy_(wqkv)
         self.wo.weight.data.copy_(weights["o_proj"])
         theta = config["rope_parameters"]["rope_theta"]  # default rope only: no scaling here
-        self.register_buffer("table", rotary_table(MAX_POSITIONS, self.head_dim, theta), persistent=False)
+        rows = config.get("max_position", MAX_POSITIONS - 1) + 1  # position ids 0..max_position
+        self.register_buffer("table", rotary_table(rows, self.head_dim, theta), persistent=False)
 
     def forward(self, x, position_ids, attention_mask=None):
         B, S, _ = x.shape

@@ -49,6 +49,7 @@ class Verdict:
     backend: str | None = None  # for sdpa: the backend that actually ran
     imprecise: bool = False  # passes the gate, but some check is far less precise than transformers
     precision_ratio: float = 0.0  # the largest over its checks (1 = as precise as transformers)
+    bit_exact: bool = False  # every float32 forward row exactly transformers' eager output (a note: report.py)
 
     def json(self) -> dict:
         return asdict(self)

@@ -7,7 +7,7 @@ always explicit (the reference is run with an explicit causal + padding mask).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,6 +23,7 @@ class Scenario:
     quick: bool = True  # part of --quick
     probe: bool = False  # used by the diagnosis (reported, but named as a probe)
     tags: frozenset = frozenset()  # what the diagnosis reads off it: "positions" (not 0..S-1), "large_scores"
+    sizes: tuple = ()  # ((key, value), ...) of SIZE_KEYS over every scenario run with this one (with_sizes)
 
 
 def hidden(f: Fixture, B: int, S: int, seed: int, scale: float = 1.0) -> torch.Tensor:
@@ -157,3 +158,28 @@ def select(fixture: Fixture, dtypes: set[torch.dtype], quick: bool, interpreted:
             continue  # long runs on the Llama shapes; smaller models get len_1000
         out.append(s)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sizes: what a module's build(config, weights) is told, so that it can size caches and rotary tables
+
+SIZE_KEYS = ("max_batch_size", "max_seq_len", "max_position")  # config keys (names exact: the module contract's)
+
+
+def input_sizes(x: torch.Tensor, pos: torch.Tensor) -> dict[str, int]:
+    top = int(pos.max()) if pos.numel() else 0
+    return {"max_batch_size": x.shape[0], "max_seq_len": x.shape[1], "max_position": top}
+
+
+def covering(*many: dict) -> dict[str, int]:
+    """The sizes that cover all of these."""
+    return {k: max(int(m.get(k, 0)) for m in many) for k in SIZE_KEYS}
+
+
+def sizes(fixture: Fixture, scenarios: list[Scenario]) -> dict[str, int]:
+    """The largest batch, length and position id over these scenarios' inputs (built here: they are seeded)."""
+    return covering(*(input_sizes(x, pos) for x, pos, _ in (s.build(fixture, torch.float32) for s in scenarios)))
+
+
+def with_sizes(scenarios: list[Scenario], sized: dict[str, int]) -> list[Scenario]:
+    return [replace(s, sizes=tuple(sized.items())) for s in scenarios]

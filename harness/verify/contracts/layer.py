@@ -6,6 +6,9 @@
     reference   transformers' LlamaAttention in the scenario's dtype, and in float64 with float64 RoPE tables;
                 checks of the reference itself: its sdpa path against its eager path, its output against the
                 golden output stored at extraction (drift)
+    config      the fixture's, plus max_batch_size, max_seq_len and max_position: the largest batch, length and
+                position id of the scenarios that will run (what the module contract's build() sizes its caches
+                and rotary tables by; a diagnosis probe's call is told the larger of these and its own input's)
     compared    the output over real (non-padding) rows, under the tolerance policy (compare.py)
     diagnosis   diagnosis/layer.py: suspects, probes, patterns; the precision diagnosis for an imprecise pass
 The module contract (module.py) is this one with a factory instead of a function.
@@ -30,7 +33,7 @@ from harness.verify.compare import not_run as no_output
 from harness.verify.diagnosis import layer as diagnosis
 from harness.verify.diagnosis.evidence import Run
 from harness.verify.records import Row, dtype_name
-from harness.verify.scenarios import BY_NAME, select
+from harness.verify.scenarios import BY_NAME, covering, input_sizes, select, sizes, with_sizes
 from harness.verify.worker import Fault
 from impl import IMPLEMENTATIONS
 
@@ -52,7 +55,20 @@ def targets(fixtures: list[Fixture]) -> list[Fixture]:
 
 
 def cases(f: Fixture, ctx, impl) -> list:
-    return select(f, ctx.dtypes, ctx.quick, bool(impl is not None and impl.interpreted))
+    """The scenarios for this implementation, each carrying the sizes of them all (announced below)."""
+    chosen = select(f, ctx.dtypes, ctx.quick, bool(impl is not None and impl.interpreted))
+    key = (f.key, "sizes", tuple(s.name for s in chosen))
+    if key not in ctx.cache:
+        ctx.cache[key] = sizes(f, chosen)
+    return with_sizes(chosen, ctx.cache[key])
+
+
+def announced(f: Fixture, s) -> tuple[str, dict]:
+    """The weights key and the config a case's call sends: the fixture's config plus the sizes of every case of the
+    run. The key names the sizes too, so a worker never keeps a module built for smaller ones."""
+    sized = dict(s.sizes)
+    tag = "".join(f":{v}" for v in sized.values())
+    return f"{f.key}:{dtype_name(s.dtype)}{tag}", f.config | sized
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -154,8 +170,8 @@ def forward(impl, key: str, config: dict, weights: dict, x, pos, mask) -> torch.
 
 
 def call(impl, f: Fixture, s, r: Case) -> torch.Tensor:
-    return forward(impl, f"{f.key}:{dtype_name(s.dtype)}", f.config, weights_in(f, s.dtype), r.x,
-                   r.pos, r.mask)  # fmt: skip
+    key, config = announced(f, s)
+    return forward(impl, key, config, weights_in(f, s.dtype), r.x, r.pos, r.mask)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -199,20 +215,26 @@ def evidence(f: Fixture, s, r: Case, out: torch.Tensor) -> Run:
     return Run(r.x, r.pos, r.mask, out, r.ref, s.dtype, r.ref64)
 
 
-def prober(impl, f: Fixture):
-    """call(x, weights, pos, mask): the implementation again, on the diagnosis's own inputs and weights."""
+def prober(impl, f: Fixture, ctx):
+    """call(x, weights, pos, mask): the implementation again, on the diagnosis's own inputs and weights. Each call
+    is built anew (its own key) and told the sizes of the run or of its inputs, whichever is larger: a probe may
+    be longer than any scenario of --quick (the precision probes' 512 tokens)."""
     n = [0]
+    chosen = cases(f, ctx, impl)
+    run_sizes = dict(chosen[0].sizes) if chosen else {}
 
     def probe(x, w, pos, mask):
         n[0] += 1
-        return forward(impl, f"{f.key}:probe{n[0]}", f.config, w, x, pos, mask)
+        config = f.config | covering(run_sizes, input_sizes(x, pos))
+        return forward(impl, f"{f.key}:probe{n[0]}", config, w, x, pos, mask)
 
     return probe
 
 
 def diagnose(f: Fixture, runs: dict, failed: dict, passing: list, impl, ctx):
-    return diagnosis.diagnose(f, runs, list(failed), passing, call=prober(impl, f), fn=getattr(impl, "fn", None))
+    return diagnosis.diagnose(f, runs, list(failed), passing, call=prober(impl, f, ctx),
+                              fn=getattr(impl, "fn", None))  # fmt: skip
 
 
 def diagnose_precision(f: Fixture, runs: dict, imprecise: list, impl, ctx):
-    return diagnosis.diagnose_precision(f, runs, imprecise, prober(impl, f))
+    return diagnosis.diagnose_precision(f, runs, imprecise, prober(impl, f, ctx))

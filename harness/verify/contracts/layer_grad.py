@@ -16,7 +16,6 @@ from harness.verify.compare import not_run as no_output
 from harness.verify.contracts import layer
 from harness.verify.contracts.layer import check_tensor, contract_error, in_layout, weights_in
 from harness.verify.diagnosis.grad import diagnose_grads
-from harness.verify.records import dtype_name
 from harness.verify.serve import GRAD_OF, layer_gradients
 from harness.verify.worker import Fault
 
@@ -89,8 +88,8 @@ def check_grads(descs: list[dict], items: list, wrt: dict, contract: str, device
 
 def call(impl, f: Fixture, s, ref) -> dict:
     r, g = ref[0], ref[1]
-    return layer_grad(impl, f"{f.key}:{dtype_name(s.dtype)}", f.config, weights_in(f, s.dtype), r.x,
-                      r.pos, r.mask, g)  # fmt: skip
+    key, config = layer.announced(f, s)  # the forward's key and sizes: a module is built for the same ones
+    return layer_grad(impl, key, config, weights_in(f, s.dtype), r.x, r.pos, r.mask, g)
 
 
 def not_run(s, ref):
