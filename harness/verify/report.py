@@ -12,6 +12,7 @@ the fixture's golden output looks exactly like that, and the harness cannot tell
 from __future__ import annotations
 
 from harness import versions
+from harness.verify import isolation
 from harness.verify.compare import PRECISION_LIMIT
 
 REFERENCE_CHECKS = ("hf-sdpa", "golden")
@@ -195,4 +196,5 @@ def document(rows, verdicts, seconds: float, strict: bool = False, drift: list[d
         "results": [r.json() | ({"drift": is_drift(r)} if r.impl == GOLDEN else {}) for r in rows],
         "verdicts": [v.json() for v in verdicts],
         "versions": versions.both(),
+        "isolation": isolation.mechanism(),  # how workers were walled off on this machine
     }

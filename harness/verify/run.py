@@ -37,7 +37,7 @@ from harness.common import (
     write_atomic,
     write_json,
 )
-from harness.verify import ci_output, contracts, drift, loop, plot, report
+from harness.verify import ci_output, contracts, drift, isolation, loop, plot, report
 from harness.verify.loop import Context
 from harness.verify.plugins import LAYOUTS, Impl, builtin, resolve
 from harness.verify.records import Row, Verdict
@@ -131,6 +131,9 @@ def main(argv=None) -> int:
     impls = [resolve(spec, name, layout=a.weights_layout, device=device)
              for name, specs in asked.items() for spec in dict.fromkeys(specs)]  # fmt: skip
     fixtures = resolve_fixtures(list(dict.fromkeys(a.fixture)) if a.fixture else None)
+    if any(not i.builtin for i in impls) and isolation.unavailable():
+        print(f"note: workers run without namespaces here ({isolation.unavailable()}): the code under test can signal "
+              "this run and its other workers and, run as root, open their memory (docs/isolation.md)")  # fmt: skip
     if a.accept_reference:
         drift.check_writable(fixtures)
     torch.manual_seed(0)
