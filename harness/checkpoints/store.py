@@ -116,12 +116,16 @@ def resolve(name_or_path: str | Path) -> Path:
         return make(pending)
     for cand in (p, *(root / str(name_or_path) for root in folders())):
         if cand.is_dir() and (cand / "config.json").is_file():
-            how = (f"`make extract` (or scripts/extract.py --synthetic --config {cand / 'config.json'})"
-                   if common.CHECKOUT else f"`attention-verify extract --source SRC`, or use {cand.name}{SYNTHETIC}")
+            how = (
+                f"`make extract` (or scripts/extract.py --synthetic --config {cand / 'config.json'})"
+                if common.CHECKOUT
+                else f"`attention-verify extract --source SRC`, or use {cand.name}{SYNTHETIC}"
+            )
             raise UserError(f"{cand}: holds a config but no extracted layer (no manifest.json); run {how}")
     known = ", ".join(e.name for e in entries) or "none"
-    raise UserError(f"no fixture '{name_or_path}' (a name `attention-verify fixtures` lists, or a directory); "
-                    f"available: {known}")
+    raise UserError(
+        f"no fixture '{name_or_path}' (a name `attention-verify fixtures` lists, or a directory); available: {known}"
+    )
 
 
 def make(entry: Entry, *, force: bool = False) -> Path:
@@ -157,8 +161,12 @@ def main(argv=None) -> int:
     p = Parser(prog="attention-verify fixtures",
                description="Each fixture: its name, whether it is committed (ships with the code), cached (made "
                "here) or not yet made (a synthetic one, made on first use), and where it is.")  # fmt: skip
-    p.add_argument("action", nargs="?", choices=["make"],
-                   help="make: make every synthetic fixture not yet made (ahead of time, e.g. for a CI cache)")
+    p.add_argument(
+        "action",
+        nargs="?",
+        choices=["make"],
+        help="make: make every synthetic fixture not yet made (ahead of time, e.g. for a CI cache)",
+    )
     p.add_argument("--force", action="store_true", help="with make: make every synthetic one again")
     p.add_argument("--json", action="store_true", help="the listing as JSON")
     a = p.parse_args(argv)
