@@ -183,12 +183,21 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
-_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]+@")
+# scheme://USERINFO@host: the user-info runs to the LAST '@' before a space or a quote, so a password holding '/',
+# '@' or '?' (which no parser reads as the user-info) is removed whole; never past another scheme://.
+_USERINFO = re.compile(r"""(?i)\b([a-z][a-z0-9+.-]*://)(?:(?!://)[^\s'"<>])*@""")
+# name=VALUE after ?, &, ; or # where the name says what it is: token, access_token, hf_token, api_key, key, password,
+# secret, sig, signature, credential, auth (any name containing one of them); the value runs past a '#' (a secret
+# may hold one) to the next '&', ';', space or quote
+_QUERY = re.compile(r"""(?i)([?&;#][^=&;#\s'"<>]*(?:token|key|passw|pwd|secret|sig|credential|auth)[^=&;#\s'"<>]*=)"""
+                    r"""[^&;\s'"<>]*""")  # fmt: skip
 
 
 def redact(text: str) -> str:
-    """Credentials inside URLs (scheme://user:secret@host) removed: nothing printed or stored carries them."""
-    return _CREDENTIALS.sub(r"\1", text)
+    """Credentials inside URLs removed: the user-info part (scheme://user:secret@host, a '/' in the secret too) and
+    query-string credentials (?access_token=SECRET, &api_key=, &sig=, any *token*) -> ?access_token=REDACTED. Nothing
+    printed or stored carries them."""
+    return _QUERY.sub(r"\1REDACTED", _USERINFO.sub(r"\1", text))
 
 
 def one_line(text: str, limit: int | None = None) -> str:

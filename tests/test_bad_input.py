@@ -70,6 +70,24 @@ WRONG = st.one_of(
 )  # fmt: skip
 CONFIG_FIELDS = ["hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "rope_parameters",
                  "rope_parameters.rope_theta", "rope_parameters.rope_type"]  # fmt: skip
+# the fields transformers' LlamaConfig reads besides the shapes: each wrong type was reported OK by `fixture`, then a
+# traceback inside LlamaConfig (or a bias-free layer verified against a config with bias)
+TYPED_FIELDS = ["rms_norm_eps", "attention_bias", "attention_dropout", "max_position_embeddings",
+                "tie_word_embeddings", "rope_parameters.truncate"]  # fmt: skip
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+VALID = {  # the values of WRONG that are right for a typed field ("missing": transformers' default applies)
+    "rms_norm_eps": lambda v: isinstance(v, float) and math.isfinite(v) and v > 0,
+    "attention_bias": lambda v: v is False,
+    "attention_dropout": lambda v: v is None or (_finite(v) and 0 <= v < 1),
+    "max_position_embeddings": lambda v: False,
+    "tie_word_embeddings": lambda v: isinstance(v, bool),
+    "rope_parameters.truncate": lambda v: isinstance(v, bool),
+}
 
 
 def mutate(doc: dict, field: str, value) -> dict:
@@ -92,6 +110,8 @@ def wrong_for(field: str, value, source: bool = False) -> bool:
     """Exclude the few generated values that happen to be valid for this field."""
     if source and field in OPTIONAL and value in (None, "missing"):
         return False
+    if field in VALID:
+        return not (isinstance(value, str) and value == "missing") and not VALID[field](value)
     if field == "rope_parameters.rope_type":
         return value not in ("default", "linear", "dynamic", "llama3", "yarn") and value != "missing"
     if field == "head_dim" and (value is None or value == "missing"):
@@ -102,7 +122,8 @@ def wrong_for(field: str, value, source: bool = False) -> bool:
 
 
 @SETTINGS
-@given(field=st.sampled_from(CONFIG_FIELDS), value=WRONG, command=st.sampled_from(["fixture", "verify", "list"]))
+@given(field=st.sampled_from(CONFIG_FIELDS + TYPED_FIELDS), value=WRONG,
+       command=st.sampled_from(["fixture", "verify", "list"]))  # fmt: skip
 def test_fixture_config_fields(small, tmp_path_factory, field, value, command):
     if not wrong_for(field, value):
         return
@@ -129,12 +150,16 @@ def test_fixture_config_fields(small, tmp_path_factory, field, value, command):
         return
     args = ["-m", "harness", command, str(d)] if command == "fixture" else \
         ["-m", "harness", "verify", "--fixture", str(d), "--impl", "naive", "--quick"]  # fmt: skip
-    assert "config.json" in exit_2(args)
+    line = exit_2(args)
+    assert "config.json" in line
+    if field in TYPED_FIELDS and not (isinstance(value, float) and not math.isfinite(value)):  # (NaN: not JSON)
+        assert f"'{field.split('.')[-1]}'" in line, line  # the field and the value, not a guess at the cause
+        assert repr(value) in line or json.dumps(value) in line, line
 
 
 @SETTINGS
 @given(field=st.sampled_from(CONFIG_FIELDS[:4] + ["rope_theta", "max_position_embeddings", "num_hidden_layers",
-                                                 "vocab_size"]), value=WRONG)  # fmt: skip
+                                                 "vocab_size"] + TYPED_FIELDS[:3]), value=WRONG)  # fmt: skip
 def test_extract_config_fields(small, tmp_path_factory, field, value):
     if not wrong_for(field, value, source=True):
         return
@@ -347,7 +372,7 @@ def test_accept_reference_rewrites_the_drifted_golden(tmp_path):
     assert after["files"]["inputs.safetensors"] == fx.sha256_file(d / "inputs.safetensors")
     assert after["files"]["inputs.safetensors"] != before["files"]["inputs.safetensors"]
     assert {k: v for k, v in after["files"].items() if k != "inputs.safetensors"} == {
-        k: v for k, v in before["files"].items() if k != "inputs.safetensors"}  # the rest: the same bytes
+        k: v for k, v in before["files"].items() if k != "inputs.safetensors"}  # fmt: skip
     new = load_file(d / "inputs.safetensors")
     old = load_file(FIXTURES / "smollm2-135m" / "inputs.safetensors")
     assert torch.equal(new["hidden_states"], old["hidden_states"]) and not torch.equal(new["golden"], old["golden"])
@@ -390,6 +415,7 @@ def test_a_killed_extraction_leaves_the_old_or_the_new_fixture(tmp_path, small):
         assert (files != old_files) == new, point
         extract(layer=0, out=out, config_path=cfg, synthetic=True, seed=2, force=True, **QUIET)  # cleans up
         assert not list(out.parent.glob(".fx.tmp-*")) and not list(out.parent.glob(".fx.old-*")), point
+        assert not (out.parent / ".fx.lock").exists(), point  # the killed run's lock file too
         assert fx.load_fixture(out).manifest["files"] != old_files
 
 

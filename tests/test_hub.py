@@ -213,3 +213,54 @@ def test_credentials_inside_the_endpoint_url_are_never_printed_or_stored(tmp_pat
     monkeypatch.setenv("HF_ENDPOINT", f"http://alice:{secret}@127.0.0.1:9")  # unreachable: the error line too
     rc, err = _cli(["--source", f"hf:{REPO}", "--out", str(tmp_path / "fy")], capsys)
     assert rc == 2 and "cannot reach" in one_line_error(err) and secret not in err and "127.0.0.1:9" in err
+
+
+@pytest.mark.parametrize("userinfo", ["alice:pa/ss-SECRET", "alice:p@ss/SECRET?x#y", "SECRET-token-only"])
+def test_a_slash_or_at_in_the_endpoint_password(tmp_path, hub, monkeypatch, capsys, userinfo):
+    """HF_ENDPOINT=https://user:pa/ss@host: no URL parser reads that '/' as part of the password (the host became
+    'alice', the rest a path); the secret is percent-encoded for the request and appears in no line and no file."""
+    monkeypatch.setenv("HF_ENDPOINT", hub.url.replace("://", f"://{userinfo}@"))
+    rc = cli(["--source", f"hf:{REPO}", "--out", str(tmp_path / "fx")])
+    printed = capsys.readouterr()
+    assert "SECRET" not in printed.out + printed.err
+    if rc == 0:
+        assert not any(b"SECRET" in p.read_bytes() for p in (tmp_path / "fx").iterdir())
+        assert "127.0.0.1" in (tmp_path / "fx" / "manifest.json").read_text()
+    else:
+        assert rc == 2 and "SECRET" not in one_line_error(printed.err)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://{userinfo}@127.0.0.1:9")  # unreachable: the error line names the host
+    rc, err = _cli(["--source", f"hf:{REPO}", "--out", str(tmp_path / "fy")], capsys)
+    line = one_line_error(err)
+    assert rc == 2 and "cannot reach http://127.0.0.1:9" in line and "SECRET" not in err, line
+
+
+@pytest.mark.parametrize("tail", ["?access_token=SECRET", "/?token=SECRET&x=1", "?api_key=SECRET", "#sig=SECRET",
+                                  "?X-Amz-Signature=SECRET"])  # fmt: skip
+def test_query_string_credentials_in_the_endpoint(tmp_path, hf_env, monkeypatch, capsys, tail):
+    """A query string in HF_ENDPOINT: refused in one line (the Hub's paths are appended after it, so it can only
+    break them), the secret redacted."""
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:9{tail}")
+    rc, err = _cli(["--source", f"hf:{REPO}", "--out", str(tmp_path / "fx")], capsys)
+    line = one_line_error(err)
+    assert rc == 2 and "SECRET" not in err and "HF_ENDPOINT=http://127.0.0.1:9" in line
+    assert "query string or fragment" in line and "HF_TOKEN" in line
+    assert not (tmp_path / "fx").exists()
+
+
+@pytest.mark.parametrize("text, want", [
+    ("https://user:secret@host/x", "https://host/x"),
+    ("https://user:pa/ss@host/x", "https://host/x"),  # a '/' in the password
+    ("cannot reach http://a:p@ss/w@127.0.0.1:9 (ConnectError)", "cannot reach http://127.0.0.1:9 (ConnectError)"),
+    ("'https://u:p@h' and https://k:q@j/y", "'https://h' and https://j/y"),
+    ("https://h/?access_token=SECRET&rev=main", "https://h/?access_token=REDACTED&rev=main"),
+    ("https://h/p?a=1&token=SECRET#frag", "https://h/p?a=1&token=REDACTED"),
+    ("https://h?api_key=SECRET;key=SECRET;password=SECRET", "https://h?api_key=REDACTED;key=REDACTED;password=REDACTED"),
+    ("https://h?X-Amz-Signature=SECRET&sig=SECRET&hf_token_v2=SECRET",
+     "https://h?X-Amz-Signature=REDACTED&sig=REDACTED&hf_token_v2=REDACTED"),
+    ("https://huggingface.co/org/repo/resolve/main/config.json?download=true",
+     "https://huggingface.co/org/repo/resolve/main/config.json?download=true"),  # nothing secret: unchanged
+])  # fmt: skip
+def test_redact(text, want):
+    from harness.common import redact
+
+    assert redact(text) == want
