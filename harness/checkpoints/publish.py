@@ -36,16 +36,16 @@ def hook(point: str) -> None:
 
 def check_out(out: Path) -> Path:
     """--out before any work: not a symlink, a folder if it exists, inside a folder this process can write."""
-    out = Path(out)
-    if out.is_symlink():
+    out = Path(out)  # os.path's tests: False, never an exception, for a name too long (validate.output_dir's)
+    if os.path.islink(out):
         raise UserError(f"{out}: is a symlink; a fixture is never written through a link nor over one, give --out the "
                         f"folder itself (this one points to {os.readlink(out)})")  # fmt: skip
-    if out.exists() and not out.is_dir():
+    if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"{out}: exists and is not a directory; choose another --out")
     parent = out.absolute().parent
-    while not parent.exists() and parent != parent.parent:
+    while not os.path.exists(parent) and parent != parent.parent:
         parent = parent.parent
-    if not parent.is_dir():
+    if not os.path.isdir(parent):
         raise UserError(f"{out}: {parent} is not a directory; give --out a path inside a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{out}: cannot write in {parent} (a read-only file system or no permission); give --out a "
