@@ -2,7 +2,7 @@
 output, or outlive its verdict (harness/verify/isolation.py, worker.py).
 
 Each attack is a plug-in of tests/plugins/attacks.py, run as a user runs `verify` (a process of its own, through
-tests/verify_driver.py). The attacks are real: run without namespaces (NO_NAMESPACES=1, what a platform without
+tests/verify_driver.py). The attacks are real: run without namespaces (ATTN_NAMESPACES=0, what a platform without
 them gives), the memory attack makes a wrong implementation's rows pass and the sibling attack kills an innocent
 worker; in namespaces, every verdict is what it is without them.
 """
@@ -72,9 +72,11 @@ def test_the_attacks_are_real_without_namespaces(tmp_path):
     log = tmp_path / "attacks.log"
     p, doc = driver(tmp_path, *QUICK, "--impl", f"{ATTACKS}:rewrites_judge_memory", "--impl",
                     f"{ATTACKS}:kills_siblings", "--impl", INNOCENT,
-                    env={"NO_NAMESPACES": "1", "HOSTILE_LOG": str(log)})  # fmt: skip
+                    env={"ATTN_NAMESPACES": "0", "HOSTILE_LOG": str(log)})  # fmt: skip
     said = log.read_text()
     assert "rewrote 1 floats" in said and "killed" in said, said
+    assert "note: workers run without namespaces here (turned off by ATTN_NAMESPACES=0)" in p.stdout
+    assert doc["isolation"] == "own session only (turned off by ATTN_NAMESPACES=0)"
     bent = [r for r in doc["results"] if r["impl"].endswith(":rewrites_judge_memory") and r["passed"]]
     assert bent and all(r["tolerance"] >= 1e29 for r in bent)  # output x 2 "passed" under a rewritten tolerance
     assert verdicts(doc)[INNOCENT]["stage"] == "crash", verdicts(doc)[INNOCENT]
@@ -91,6 +93,7 @@ def test_attacks_in_namespaces_change_no_verdict(tmp_path):
     args = [a for name in attacks for a in ("--impl", f"{ATTACKS}:{name}")]
     p, doc = driver(tmp_path, *QUICK, *args, "--impl", INNOCENT, env={"HOSTILE_LOG": str(log)}, timeout=300)
     assert doc is not None and p.returncode == 1, p.stderr[-3000:]  # 1: the wrong one fails; nothing else
+    assert doc["isolation"] == isolation.MECHANISM and "without namespaces" not in p.stdout
     said = log.read_text()
     assert "rewrote" not in said and "killed" not in said and "sent" not in said, said
     assert rows_of(doc, INNOCENT) == rows_of(alone, INNOCENT) and rows_of(alone, INNOCENT)

@@ -1,16 +1,13 @@
-"""`verify`'s command line in a process of its own, for tests/test_isolation.py: NO_NAMESPACES=1 runs the workers
-without namespaces (what a platform without them gives), and each run's peak memory growth is printed, so a test
-can see what a reply cost the judge.
+"""`verify`'s command line in a process of its own, for tests/test_isolation.py: each run's peak memory growth is
+printed, so a test can see what a reply cost the judge.
 
     python tests/verify_driver.py ARGS [--- ARGS ...]    # one run per group of ARGS, in this one process
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
-import harness.verify.isolation as isolation
 from harness.common import run_cli
 from harness.verify.run import main
 
@@ -22,8 +19,6 @@ def peak_kb() -> int:
 
 
 if __name__ == "__main__":
-    if os.environ.get("NO_NAMESPACES"):
-        isolation.unavailable = lambda: "turned off by tests/verify_driver.py"
     groups, rc = [[]], 0
     for arg in sys.argv[1:]:
         groups.append([]) if arg == "---" else groups[-1].append(arg)

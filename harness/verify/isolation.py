@@ -59,6 +59,8 @@ def _die_with_parent() -> None:
 @cache
 def unavailable() -> str | None:
     """None when workers get namespaces here; else why not (one line). Probed once per process (a few ms)."""
+    if os.environ.get("ATTN_NAMESPACES") == "0":  # a platform where they break something (a driver): stated
+        return "turned off by ATTN_NAMESPACES=0"
     if not sys.platform.startswith("linux"):
         return f"namespaces are Linux-only (this is {sys.platform})"
     tool = shutil.which("unshare")

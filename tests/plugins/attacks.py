@@ -2,7 +2,7 @@
 
 Each finds the judge and the other workers the way code on the same machine can (its parent's PID, a scan of
 /proc for the harness's command lines), tries its trick, and leaves a line on stderr saying what it reached. In its
-own namespaces a worker finds nothing to reach; without them (isolation.unavailable() forced), the same code
+own namespaces a worker finds nothing to reach; without them (ATTN_NAMESPACES=0), the same code
 rewrites the judge's tolerance in memory, kills its siblings, signals the judge (tests show both).
 """
 
