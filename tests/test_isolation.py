@@ -195,3 +195,22 @@ def test_a_signal_from_outside_ends_the_run_like_ctrl_c(tmp_path, sig):
     assert verdicts(doc)[INNOCENT]["passed"] is True and f"{ATTACKS}:hangs" not in verdicts(doc)
     time.sleep(0.5)
     assert not processes_with(f"{ATTACKS}:hangs"), processes_with(f"{ATTACKS}:hangs")
+
+
+@pytest.mark.slow
+def test_a_killed_judge_leaves_no_worker(tmp_path):
+    """SIGKILL to the judge (nothing of it runs after): its busy worker and that worker's namespace end with it."""
+    log = tmp_path / "attacks.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOSTILE_LOG": str(log)}
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "verify", *QUICK, "--impl", f"{ATTACKS}:hangs"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (log.exists() and "hanging" in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_with(f"{ATTACKS}:hangs")
+    proc.kill()
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while processes_with(f"{ATTACKS}:hangs") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not processes_with(f"{ATTACKS}:hangs"), processes_with(f"{ATTACKS}:hangs")

@@ -8,8 +8,8 @@ On Linux, each worker is started by util-linux's `unshare` in namespaces of its 
                        workers have no PID it can name, so it cannot signal them (kill, pidfd, /proc)
     mount namespace    a /proc of that world only: no other process is even listed
     ending             the judge ends a worker by SIGKILL to its PID 1 (seen from here), which ends every process
-                       of the namespace, `setsid` and double forks included; `unshare --kill-child` and a
-                       parent-death signal end it when the judge itself dies
+                       of the namespace, `setsid` and double forks included; parent-death signals (`setpriv`
+                       on `unshare`, `--kill-child`, prctl in the init and the worker) end it when the judge dies
 
 The judge also makes itself non-dumpable (`PR_SET_DUMPABLE` 0: a same-uid process without capabilities cannot
 open its memory), and each worker does the same before importing the code (another worker cannot open its memory
@@ -51,9 +51,10 @@ def protect_self() -> bool:
     return _prctl(PR_SET_DUMPABLE, 0)
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL when the judge dies (however it dies)."""
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def die_with_parent() -> bool:
+    """SIGKILL to this process when its parent dies (however it dies). A worker calls it first thing; `unshare` gets
+    it from util-linux's `setpriv --pdeathsig` (no Python runs between fork and exec in a judge with threads)."""
+    return _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @cache
@@ -111,15 +112,16 @@ def spawn(argv: list[str], *, env: dict, log, pass_fds: tuple[int, ...]) -> Proc
     """Start a worker: argv run in its namespaces where they are available, under an init (`init` below) so that
     the code is never PID 1 (the kernel drops the signals PID 1 sends itself). stdin is /dev/null; stdout and stderr
     go to `log`; the protocol travels on pass_fds (never 0-2, so code that reads stdin or prints cannot touch it)."""
-    kw = dict(stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True,
-              preexec_fn=_die_with_parent)  # fmt: skip
+    kw = dict(stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True)
     if unavailable() is not None:
         return Process(subprocess.Popen(argv, pass_fds=pass_fds, **kw), None)
     r, w = os.pipe()
     os.set_blocking(r, False)
+    setpriv = shutil.which("setpriv")
     try:
         init = [sys.executable, "-m", "harness.verify.isolation", str(w), *argv]
-        proc = subprocess.Popen([shutil.which("unshare"), *UNSHARE, *init], pass_fds=(*pass_fds, w), **kw)
+        wrap = [setpriv, "--pdeathsig", "KILL"] if setpriv else []  # unshare dies with the judge
+        proc = subprocess.Popen([*wrap, shutil.which("unshare"), *UNSHARE, *init], pass_fds=(*pass_fds, w), **kw)
     except BaseException:
         os.close(r)
         raise
@@ -131,6 +133,7 @@ def spawn(argv: list[str], *, env: dict, log, pass_fds: tuple[int, ...]) -> Proc
 def init(status_fd: int, argv: list[str]) -> None:
     """PID 1 of a worker's namespace: run argv as its only child, reap whatever is orphaned to it, and when the
     child ends report its exit status (4 bytes) on status_fd and exit, which ends every other process there."""
+    die_with_parent()  # `unshare` gone (the judge killed): this init, and with it the namespace
     child = os.fork()
     if child == 0:
         os.close(status_fd)

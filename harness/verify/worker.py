@@ -149,6 +149,7 @@ def serve(spec: str, contract: str, proto_in: int, proto_out: int) -> None:
     """The worker's main loop. Exits when the parent closes the channel. Each call names the function that runs
     the code (`module:function`, taking (code, header, tensors, state)): this loop knows no contract."""
     isolation.protect_self()  # another worker (or anything not privileged over this one) cannot open its memory
+    isolation.die_with_parent()  # the judge (or the namespace's init) gone: this worker too
     for fd in (proto_in, proto_out):
         os.set_inheritable(fd, False)  # what the code starts does not get the channel
     try:
