@@ -1,5 +1,6 @@
 """The precision verdict: every check's distance from float64 against transformers' own, the four precision bugs of
-the catalog imprecise or failing with their precision stage (with and without --quick), --strict failing them,
+the catalog imprecise or failing with their precision stage, named by the error's signature (with and without
+--quick; the held-out ones: tests/test_signature.py), --strict failing them,
 the built-ins and transformers' sdpa path never imprecise, and --plot drawing where the error sits."""
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def test_precision_bugs_get_their_precision_stage(name, quick, refs):
     rows, (v,) = verify(resolve_fixtures(["smollm2-135m"]), [(name, bug.layer())], set(DTYPES.values()), quick=quick,
                         cache=refs, **QUIET)  # fmt: skip
     assert v.stage == bug.stage and bug.stage.endswith("_precision"), (v.stage, v.hint)
+    assert v.matched.startswith("signature:"), v.matched  # named by the error's signature, not by the catalog entry
     assert (not v.passed) or v.imprecise, v  # never a plain pass
     assert v.precision_ratio > PRECISION_LIMIT
     if v.passed:
@@ -68,13 +70,12 @@ def test_builtins_and_transformers_sdpa_are_never_imprecise(refs):
 
 
 def test_a_half_precision_kernel_is_named_by_its_step():
-    from harness.bugs import pipeline
-    from harness.verify.diagnosis.suspects import precision_steps
+    from harness.bugs import mistakes, pipeline
 
-    steps = dict((n, s) for n, _, _, s in precision_steps())["precision:softmax_float16"]
-    impl = builtin("softmax_fp16_kernel", pipeline.core(**steps), "core")
+    impl = builtin("softmax_fp16_kernel", pipeline.core(softmax=mistakes.softmax_in(torch.float16)), "core")
     _, (v,) = verify([], [impl], {torch.float32}, quick=True, **QUIET)
     assert v.stage == "softmax_precision" and (v.imprecise or not v.passed), v
+    assert v.matched == "signature:softmax_computed/float16", v.matched
 
 
 @pytest.mark.slow

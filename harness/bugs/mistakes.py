@@ -105,6 +105,17 @@ def tables_static_ntk(config, position_ids, dtype):
     return tables({**config, "rope_parameters": plain}, position_ids, dtype)
 
 
+def tables_dynamic_every_length(config, position_ids, dtype):
+    """Dynamic NTK rescaling the base at every length, from the sequence's length L: base * (factor L / max)^(d /
+    (d - 2)) with no floor, so within the context (where the base must stay rope_theta) it shrinks."""
+    rp = config["rope_parameters"]
+    d = rope.dims(config)[1]
+    L = int(position_ids.max()) + 1 if position_ids.numel() else 1
+    alpha = rp["factor"] * L / config["max_position_embeddings"]  # should be max(that - (factor - 1), 1)
+    plain = {"rope_type": "default", "rope_theta": rp["rope_theta"] * alpha ** (d / (d - 2))}
+    return tables({**config, "rope_parameters": plain}, position_ids, dtype)
+
+
 def default_rope(rp):
     return {"rope_type": "default", "rope_theta": rp["rope_theta"]}
 
@@ -171,6 +182,36 @@ def aggregate_fp16_accumulator(probs, v, block: int = 16):
         part = probs[..., j : j + block].to(v.dtype) @ v[..., j : j + block, :]  # (B, H, Sq, d)
         out = (out.to(part.dtype) + part).half()
     return out.to(v.dtype)
+
+
+def softmax_torch_half(s, allowed):
+    """torch.softmax on half-precision scores (it subtracts the row max itself), masked HF-style with the dtype's
+    minimum."""
+    s = s.half().masked_fill(~allowed, torch.finfo(torch.float16).min)  # "half is plenty for probabilities"
+    return torch.softmax(s, dim=-1).to(torch.float32)
+
+
+def softmax_half_no_max(s, allowed):
+    """The softmax by hand in float16, the row max never subtracted: exp overflows once a score passes 11.09."""
+    e = s.half().masked_fill(~allowed, float("-inf")).exp()  # "the scores are small"
+    z = e.sum(dim=-1, keepdim=True)
+    return (e / torch.where(z > 0, z, torch.ones_like(z))).to(torch.float32)
+
+
+def softmax_exp_bf16(s, allowed):
+    """The max subtracted in float32, then exp in bfloat16 (a "fast exp"), normalised in float32."""
+    s = s.masked_fill(~allowed, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp((s - m).to(torch.bfloat16)).to(s.dtype)
+    return e / e.sum(dim=-1, keepdim=True).clamp(min=1e-30)
+
+
+def aggregate_in(to: torch.dtype):
+    def aggregate_low(probs, v):
+        return (probs.to(to) @ v.to(to)).to(v.dtype)  # "the matmul is faster in half"
+
+    return aggregate_low
 
 
 def softmax_nan_rows(s, allowed):

@@ -5,7 +5,8 @@
     out = o / l
 
 `bug` switches one line: "no_rescale" (o not rescaled by exp(m - m')), "drop_last_block" (S // block blocks),
-"diag_mask" (the diagonal tile masked with the tile-local key index). Any other value is the correct loop.
+"diag_mask" (the diagonal tile masked with the tile-local key index), "fp16_row_sum" (the running sum l kept in
+float16). Any other value is the correct loop.
 """
 
 from __future__ import annotations
@@ -48,12 +49,14 @@ def flash(q, k, v, attention_mask=None, causal=True, scale=None, *, bug: str, bl
             p = torch.exp(s - safe)
             alpha = torch.exp(m - safe)
             l = l * alpha + p.sum(-1, keepdim=True)
+            if bug == "fp16_row_sum":
+                l = l.half().to(f)  # a float16 buffer for l: "it is only a sum of probabilities"
             o = (o if bug == "no_rescale" else o * alpha) + p @ v[:, :, j0:j1].to(f)  # eq. 6 forgotten
             m = m_new
         out[:, :, i0:i1] = o / torch.where(l > 0, l, torch.ones_like(l))
     return out.to(q.dtype)
 
 
-def core_step(bug: str) -> Callable:
+def core_step(bug: str, block: int = 128) -> Callable:
     """The loop with `bug`, as the pipeline's `core` step: (q, k, v, mask, causal, scale) -> context."""
-    return lambda q, k, v, m, causal, scale: flash(q, k, v, m, causal, scale, bug=bug)
+    return lambda q, k, v, m, causal, scale: flash(q, k, v, m, causal, scale, bug=bug, block=block)

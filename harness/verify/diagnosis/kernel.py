@@ -1,6 +1,6 @@
-"""The diagnosis of a kernel (`--core`): the catalog's kernel bugs and each step lowered to half precision as
-suspects, a fitted scale, a GQA-mapping probe, then the pattern of failing scenarios (Sq < Sk only: causal
-alignment; non-causal only: the causal flag; ...)."""
+"""The diagnosis of a kernel (`--core`): the catalog's kernel bugs as suspects (but its precision bugs), the error's
+signature (which step, rounded to half precision, leaves it: signature.py), a fitted scale, a GQA-mapping probe,
+then the pattern of failing scenarios (Sq < Sk only: causal alignment; non-causal only: the causal flag; ...)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 
 from harness.bugs import catalog, pipeline
 from harness.verify.diagnosis.evidence import Diagnosis, maxdiff, rms
-from harness.verify.diagnosis.suspects import precision_steps
+from harness.verify.diagnosis.signature import KERNEL_WAYS, SCENARIOS, explain, kernel_case, signatures
+from harness.verify.diagnosis.suspects import PRECISION
 from harness.verify.kernels import KernelCase, KernelScenario
 
 
@@ -39,16 +40,14 @@ def diagnose_kernel(runs: dict[str, KernelRun], failing: list[str], passing: lis
     fp32 = [n for n in out_fail if runs[n].s.dtype == torch.float32 and runs[n].s.Sq * runs[n].s.Sk <= 300 * 300]
     if fp32:
         best = None
-        found = [(b.name, b.stage, b.hint, b.kernel()) for b in catalog.kernel_suspects()]
-        found += [(n, st, h, pipeline.core(**steps)) for n, st, h, steps in precision_steps()
-                  if set(steps) <= pipeline.KERNEL_STEPS]  # fmt: skip
+        found = [(b.name, b.stage, b.hint, b.kernel()) for b in catalog.kernel_suspects() if b.stage not in PRECISION]
         for name, stage, hint, fn in found:
             worst = _match(fn, runs, fp32)
             if worst is not None and (best is None or worst < 0.99 * best[3]):
                 best = (name, stage, hint, worst)
         if best is not None:
             return Diagnosis(best[1], best[2], best[0])
-        found = _scale_fit(runs, fp32)
+        found = _signature(runs, fp32) or _scale_fit(runs, fp32)
         if found is not None:
             return found
     if "one_token" in out_fail and call is not None:
@@ -62,18 +61,25 @@ def diagnose_kernel(runs: dict[str, KernelRun], failing: list[str], passing: lis
 
 
 def diagnose_precision(runs: dict[str, KernelRun], imprecise: list[str]) -> Diagnosis:
-    """A kernel that passes but is far less precise: which of its steps, lowered to bf16 or fp16, it matches."""
+    """A kernel that passes but is far less precise: the step whose rounding to bf16 or fp16 its error matches."""
     names = [n for n in imprecise if runs[n].s.dtype == torch.float32 and runs[n].s.Sq * runs[n].s.Sk <= 300 * 300]
-    best = None
-    for name, stage, hint, steps in precision_steps():
-        if not set(steps) <= pipeline.KERNEL_STEPS or not names:
-            continue
-        worst = _match(pipeline.core(**steps), runs, names)
-        if worst is not None and (best is None or worst < 0.99 * best[3]):
-            best = (name, stage, hint, worst)
-    if best is not None:
-        return Diagnosis(best[1], best[2], best[0])
+    found = _signature(runs, names)
+    if found is not None:
+        return found
     return Diagnosis("unknown", "no single step explains the lost precision: " + ", ".join(sorted(imprecise)))
+
+
+def _signature(runs: dict[str, KernelRun], names: list[str]) -> Diagnosis | None:
+    """signature.py on the shortest few of `names` whose outputs are finite."""
+    observed, sims = [], []
+    usable = [n for n in names if torch.isfinite(runs[n].out[rows_keep(runs[n])]).all()]
+    for n in sorted(usable, key=lambda n: runs[n].s.Sq * runs[n].s.Sk)[:SCENARIOS]:
+        r = runs[n]
+        keep = rows_keep(r)
+        observed.append((r.out.double() - r.c.ref64.double())[keep])
+        sims.append(signatures(kernel_case(r.c.q, r.c.k, r.c.v, r.s.causal, r.s.scale, r.c.mask), keep, KERNEL_WAYS))
+    found = explain(observed, sims) if observed else None
+    return None if found is None else Diagnosis(found.stage, found.hint, found.name)
 
 
 def rows_keep(r: KernelRun) -> torch.Tensor:

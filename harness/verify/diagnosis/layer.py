@@ -4,16 +4,23 @@ again on inputs and weights of its own (probes). In order:
 
 1. non-finite outputs: `nonfinite` (rows that see no key give NaN), or `softmax` when only huge scores overflow;
 2. stage by stage, for implementations that return their intermediates (naive): the first that differs from HF;
-3. suspects re-run in float64 (suspects.py): the catalog's bugs, the fixture's rope parameters changed, each step
-   lowered to half precision, a fitted constant on the scores;
-4. probes that ask the implementation directly (probes.py): causality, padding, the head mapping;
-5. which rows are wrong: exact-zero rows after a sequence's first token (skipped blocks: `tiling`); only the last
-   token, only where positions are not 0..S-1 (a decode path's position: `rope`);
-6. the pattern of failing scenarios: one token (projections), all positions 0 passing (RoPE), only non-contiguous
+3. suspects re-run in float64 (suspects.py): the catalog's bugs, the fixture's rope parameters changed, a fitted
+   constant on the scores;
+4. the error's signature (signature.py): which step, rounded to float16 or bfloat16, leaves the error the output
+   shows (a precision stage, or the projections);
+5. probes that ask the implementation directly (probes.py): causality, padding, the head mapping;
+6. a rotary base fitted per scenario when RoPE off passes (frequencies off, even by a length-dependent amount);
+7. which rows are wrong: exact-zero rows after a sequence's first token (skipped blocks: `tiling`, unless they are
+   the rows where an unshifted exp overflows); only the last token, only where positions are not 0..S-1 (a decode
+   path's position: `rope`);
+8. the pattern of failing scenarios: one token (projections), all positions 0 passing (RoPE), only non-contiguous
    positions (position_ids), only long unequal distances (frequencies), every sequence above a length (tiling),
    only padding, only x50 scores (softmax stability), only half precision.
 
-A passing but imprecise implementation gets `diagnose_precision`: the precision suspects, then the precision probes.
+Non-finite rows, or zero rows, exactly where some score passes log(max) of a dtype are an exp that overflowed in that
+dtype: float16 (scores past 11.09) names `softmax_precision`, float32 (past 88.72) `softmax`.
+
+A passing but imprecise implementation gets `diagnose_precision`: the error's signature, then the precision probes.
 """
 
 from __future__ import annotations
@@ -24,11 +31,11 @@ from collections.abc import Callable
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from harness.bugs import catalog
 from harness.reference import Reference, additive_mask
 from harness.verify.diagnosis.evidence import MAX_SUSPECT_LEN, Call, Diagnosis, Run
 from harness.verify.diagnosis.probes import ask, precision_probes, probes
-from harness.verify.diagnosis.suspects import Suspect, match, precision_suspects, suspects
+from harness.verify.diagnosis.signature import layer_case, layer_signature, overflow_dtype
+from harness.verify.diagnosis.suspects import rope_fit, suspects
 from harness.verify.scenarios import tagged
 
 
@@ -39,11 +46,13 @@ def diagnose(fixture, runs: dict[str, Run], failing: list[str], passing: list[st
     config = fixture.config
     weights = {k: v.float() for k, v in fixture.weights.items()}
     steps = (
-        lambda: _nonfinite(failing, runs),
+        lambda: _nonfinite(config, weights, failing, runs),
         lambda: _stagewise(config, weights, fn, runs),
         lambda: suspects(config, weights, runs, failing),
+        lambda: layer_signature(config, weights, runs, failing),
         lambda: probes(config, weights, runs, failing, call),
-        lambda: _row_pattern(failing, runs),
+        lambda: rope_fit(config, weights, runs, failing),
+        lambda: _row_pattern(config, weights, failing, runs),
     )
     for step in steps:
         found = step()
@@ -52,12 +61,15 @@ def diagnose(fixture, runs: dict[str, Run], failing: list[str], passing: list[st
     return _pattern(failing, passing, runs)
 
 
-def _nonfinite(failing, runs) -> Diagnosis | None:
+def _nonfinite(config, w, failing, runs) -> Diagnosis | None:
     bad = [n for n in failing if not torch.isfinite(runs[n].out).all()]
     if not bad:
         return None
     empty_rows = any(not runs[n].keep.all() for n in bad)  # a scenario where some rows see no key at all
-    if set(bad) <= tagged("large_scores"):
+    overflow = _overflow(config, w, runs, bad, lambda n: ~torch.isfinite(runs[n].out).all(-1))
+    if overflow == torch.float16:
+        return _HALF_OVERFLOW
+    if overflow is not None or set(bad) <= tagged("large_scores"):
         return Diagnosis("softmax", "NaN/Inf only when scores are in the thousands: exp overflows; subtract the "
                          "row max before exp (and keep the running max in a tiled loop)", "overflow")  # fmt: skip
     hint = "NaN/Inf in the output" + (
@@ -99,10 +111,28 @@ def _stagewise(config, w, fn, runs) -> Diagnosis | None:
                      "merge or o_proj is wrong", "intermediate:output")  # fmt: skip
 
 
-def _row_pattern(failing, runs) -> Diagnosis | None:
-    """Rows of exact zeros where tokens are (skipped blocks), or only the last token of each sequence (a decode
-    path), seen on every failing scenario."""
-    zero_rows, last_only = False, bool(failing)
+_HALF_OVERFLOW = Diagnosis("softmax_precision", "the broken rows are exactly those with a score past 11.09, where exp "
+                           "overflows in float16: the softmax runs in float16 without subtracting the row max; "
+                           "compute it in float32, subtracting the max", "overflow:float16")  # fmt: skip
+
+
+def _overflow(config, w, runs, names, broken) -> torch.dtype | None:
+    """The dtype whose unshifted exp overflows on just the broken rows (broken(name) -> (B, S) bool) of every
+    scenario among `names` short enough to recompute; None when they disagree or none is."""
+    found = set()
+    for n in names:
+        r = runs[n]
+        if r.x.shape[1] > MAX_SUSPECT_LEN:
+            continue
+        case = layer_case(config, w, r.x, r.pos, r.mask)
+        found.add(overflow_dtype(case.scores(), case.allowed, broken(n), r.keep))
+    return found.pop() if len(found) == 1 else None
+
+
+def _row_pattern(config, w, failing, runs) -> Diagnosis | None:
+    """Rows of exact zeros where tokens are (skipped blocks, or an overflow flushed to zero), or only the last token
+    of each sequence (a decode path), seen on every failing scenario."""
+    zero_rows, last_only, zeros = False, bool(failing), {}
     for n in failing:
         r = runs[n]
         keep = r.keep  # (B, S)
@@ -110,8 +140,17 @@ def _row_pattern(failing, runs) -> Diagnosis | None:
         after_first = keep & (torch.arange(r.x.shape[1])[None] > first)  # (B, S)
         zero = (r.out.float().abs().amax(-1) == 0) & (r.ref.float().abs().amax(-1) > 0)  # (B, S)
         zero_rows |= bool((zero & after_first).any())  # a first token that sees nothing can be 0; later ones not
+        zeros[n] = zero
         err = (r.out.double() - r.ref.double()).abs().amax(-1).masked_fill(~keep, 0)  # (B, S)
         last_only &= r.x.shape[1] > 1 and bool(err[:, -1].max() > 0) and bool(err[:, :-1].max() <= 1e-2 * err.max())
+    overflow = (
+        _overflow(config, w, runs, [n for n in zeros if zeros[n].any()], zeros.__getitem__) if zero_rows else None
+    )
+    if overflow == torch.float16:
+        return _HALF_OVERFLOW
+    if overflow == torch.float32:
+        return Diagnosis("softmax", "the rows that come out zero are exactly those with a score past 88.72, where exp "
+                         "overflows in float32: subtract the row max before exp", "overflow:zero_rows")  # fmt: skip
     if zero_rows:
         return Diagnosis("tiling", "whole output rows are exactly zero where tokens are: query or key blocks were "
                          "skipped (the last partial block dropped? loop over ceil(S / block) blocks, not "
@@ -161,22 +200,14 @@ def _pattern(failing, passing, runs) -> Diagnosis:
 
 
 def diagnose_precision(fixture, runs: dict[str, Run], imprecise: list[str], call: Call | None) -> Diagnosis:
-    """imprecise: the scenarios that pass the gate with a precision ratio above the limit. The same suspects as
-    a failure (a step lowered to bfloat16 or float16 matches the output), then probes: how the error moves with
-    the positions, the scores' magnitude and the length."""
+    """imprecise: the scenarios that pass the gate with a precision ratio above the limit. The step whose rounding
+    to bfloat16 or float16 the error matches (signature.py), then probes: how the error moves with the positions,
+    the scores' magnitude and the length."""
     config = fixture.config
     w = {k: v.float() for k, v in fixture.weights.items()}
-    names = [n for n in imprecise if runs[n].dtype == torch.float32 and runs[n].x.shape[1] <= MAX_SUSPECT_LEN]
-    if names:
-        found = [Suspect(b.name, b.stage, b.hint_for(config), b.layer()) for b in catalog.suspects(config)
-                 if b.stage.endswith("_precision")] + precision_suspects()  # fmt: skip
-        best = None
-        for s in found:
-            worst = match(s.fn, config, w, runs, names)
-            if worst is not None and (best is None or worst < 0.99 * best[1]):
-                best = (s, worst)
-        if best is not None:
-            return Diagnosis(best[0].stage, best[0].hint, best[0].name)
+    found = layer_signature(config, w, runs, imprecise)
+    if found is not None:
+        return found
     if call is not None:
         found = ask(precision_probes, config, w, runs, imprecise, call)
         if found is not None:

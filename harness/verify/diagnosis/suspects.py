@@ -1,10 +1,12 @@
 """Suspects: what would the output be under this mistake? Each is re-run in float64 on the failing inputs; the one
 the output matches (much closer to it than to the correct reference) is named.
 
-    the catalog's bugs that are not held out (harness/bugs/catalog.py)
-    each pipeline step lowered to bfloat16 or float16 (precision_steps)
+    the catalog's bugs that are not held out (harness/bugs/catalog.py), but its precision bugs: a lowered step is
+    named by the error's signature (signature.py), never by resemblance to a known bug
     the rotary frequencies recomputed with each of the fixture's own rope parameters changed (rope_frequencies)
-    a fitted constant on the scores (any wrong scale)
+    a fitted constant on the scores (any wrong scale): on every failing scenario, or on RoPE-off inputs alone
+    a fitted rotary base, per scenario (rope_frequencies: frequencies off, even by an amount that changes with the
+    length)
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import torch
 
 from harness.bugs import catalog, pipeline
 from harness.common import heads
-from harness.verify.diagnosis.evidence import EXACT, MAX_SUSPECT_LEN, Diagnosis, maxdiff, rms, round_to
-from impl import masks
+from harness.verify.diagnosis.evidence import EXACT, MAX_SUSPECT_LEN, Diagnosis, maxdiff, rms
 from impl.rope import dims, inv_freq
+
+PRECISION = {"rope_precision", "softmax_precision", "accumulation_precision"}  # named by signature.py only
 
 
 @dataclass
@@ -33,8 +36,9 @@ def suspects(config, w, runs, failing) -> Diagnosis | None:
     fp32 = [n for n in failing if runs[n].dtype == torch.float32 and runs[n].x.shape[1] <= MAX_SUSPECT_LEN]
     if not fp32:
         return None
-    found = [Suspect(b.name, b.stage, b.hint_for(config), b.layer()) for b in catalog.suspects(config)]
-    found += rope_suspects(config) + precision_suspects()
+    found = [Suspect(b.name, b.stage, b.hint_for(config), b.layer()) for b in catalog.suspects(config)
+             if b.stage not in PRECISION]  # fmt: skip
+    found += rope_suspects(config)
     best = None
     for s in found:
         worst = match(s.fn, config, w, runs, fp32)
@@ -65,54 +69,6 @@ def match(fn, config, w, runs, names) -> float | None:
             return None
         worst = max(worst, got / max(base, 1e-30))
     return worst
-
-
-def precision_steps() -> list[tuple[str, str, str, dict]]:
-    """Each step of the pipeline lowered to bfloat16 or float16, the rest exact: a rotary table or angles, the
-    scores, the softmax, the probabilities, the accumulator -> (name, stage, hint, pipeline steps)."""
-    out = []
-    for to in (torch.bfloat16, torch.float16):
-        name = str(to).removeprefix("torch.")
-
-        def tables_low(c, p, dt, to=to):
-            cos, sin = pipeline.tables(c, p, dt)
-            return round_to(cos, to), round_to(sin, to)
-
-        def angles_low(c, p, dt, to=to):
-            inv, scaling = inv_freq(c, seq_len=int(p.max()) + 1 if p.numel() else None)
-            ang = (p.to(to)[..., None] * inv.to(to)).to(dt)  # (B, S, rd/2)
-            emb = torch.cat((ang, ang), dim=-1)
-            return emb.cos() * scaling, emb.sin() * scaling
-
-        out += [
-            (f"precision:table_{name}", "rope_precision", f"the RoPE cos/sin table looks rounded to {name}: keep it "
-             "in float32 (a cache in the model's dtype is the usual cause)", {"tables": tables_low}),
-            (f"precision:angles_{name}", "rope_precision", f"the RoPE angles (position * inv_freq) look computed in "
-             f"{name}: compute them in float32", {"tables": angles_low}),
-            (f"precision:scores_{name}", "softmax_precision", f"the scores q k^T look rounded to {name} before the "
-             "softmax: keep them in float32",
-             {"scores": lambda q, k, d, to=to: round_to(pipeline.scores(q, k, d), to)}),
-            (f"precision:softmax_{name}", "softmax_precision", f"the softmax (max, exp, sum) looks computed in {name}: "
-             "compute it in float32",
-             {"softmax": lambda s, a, to=to: masks.masked_softmax(s.to(to), a).to(s.dtype)}),
-            (f"precision:probs_{name}", "accumulation_precision", f"the probabilities look rounded to {name} before "
-             "they multiply the values: keep them in float32",
-             {"aggregate": lambda p, v, to=to: pipeline.aggregate(round_to(p, to), v)}),
-            (f"precision:accumulator_{name}", "accumulation_precision", f"probabilities times values look accumulated "
-             f"in {name}: accumulate in float32", {"aggregate": lambda p, v, to=to: accumulate_in(p, v, to)}),
-        ]  # fmt: skip
-    return out
-
-
-def precision_suspects() -> list[Suspect]:
-    return [Suspect(n, stage, hint, pipeline.layer(**steps)) for n, stage, hint, steps in precision_steps()]
-
-
-def accumulate_in(p: torch.Tensor, v: torch.Tensor, to: torch.dtype, block: int = 16) -> torch.Tensor:
-    acc = torch.zeros(*p.shape[:-1], v.shape[-1], dtype=v.dtype)
-    for j in range(0, v.shape[-2], block):
-        acc = round_to(acc + p[..., j : j + block].to(v.dtype) @ v[..., j : j + block, :], to)
-    return acc
 
 
 def rope_suspects(config: dict) -> list[Suspect]:
@@ -188,36 +144,85 @@ def _signature(inv_freq, config) -> tuple:
 
 def scale_fit(config, w, runs, names) -> Diagnosis | None:
     """Fit one constant a on the scores (scores * a): if the output is that function of a for some a != 1 on
-    every failing scenario, the scale is wrong, whatever expression produced it."""
+    every failing scenario, the scale is wrong, whatever expression produced it. Fitted with RoPE off (all positions
+    0) when that scenario fails: if it alone is explained, the scale is wrong and something else (RoPE's
+    frequencies or scaling, say) is too."""
     seq = [n for n in names if runs[n].x.shape[1] > 1]
     if not seq:
         return None
-    probe = min(seq, key=lambda n: runs[n].x.shape[1])
+    probe = "zero_positions" if "zero_positions" in seq else min(seq, key=lambda n: runs[n].x.shape[1])
     r = runs[probe]
 
     def resid(log2a: float) -> float:
         fn = pipeline.layer(scores=lambda q, k, d: pipeline.scores(q, k, d) * 2.0**log2a)
         return maxdiff(r.out, pipeline.float64(fn, r.x, w, r.pos, r.mask, config), r.keep)
 
-    grid = [i / 4 for i in range(-32, 33)]  # a from 1/256 to 256
-    errs = [resid(t) for t in grid]
-    i = min(range(len(grid)), key=errs.__getitem__)
-    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-    for _ in range(20):  # golden section on log2 a
-        m1, m2 = hi - (hi - lo) / 1.618, lo + (hi - lo) / 1.618
-        lo, hi = (lo, m2) if resid(m1) < resid(m2) else (m1, hi)
-    a = 2.0 ** ((lo + hi) / 2)
+    a = 2.0 ** fit(resid, [i / 4 for i in range(-32, 33)])  # a from 1/256 to 256
     if abs(a - 1) < 1e-3:
         return None
     fn = pipeline.layer(scores=lambda q, k, d: pipeline.scores(q, k, d) * a)
-    if match(fn, config, w, runs, names) is None:
+    alone = match(fn, config, w, runs, names) is None
+    if alone and (probe != "zero_positions" or match(fn, config, w, runs, [probe]) is None):
         return None
     d = heads(config).d
     eff = a * d**-0.5  # the scale the implementation applies
+    more = (" (fitted with RoPE off, all positions 0: other failures are not all explained by it, so a second "
+            "problem remains, RoPE's frequencies or scaling for one)") if alone else ""  # fmt: skip
     return Diagnosis(
         "scale",
         f"scores look multiplied by {eff:.4g} = 1/sqrt({eff**-2:.4g}) instead of 1/sqrt(head_dim) = "
         f"1/sqrt({d}) = {d**-0.5:.4g} ({a:.3g}x too {'large' if a > 1 else 'small'}): scale q k^T by "
-        "1/sqrt(head_dim)",
-        "scale_fit",
+        f"1/sqrt(head_dim){more}",
+        "scale_fit:rope_off" if alone else "scale_fit",
     )
+
+
+def fit(resid: Callable[[float], float], grid: list[float]) -> float:
+    """The t of the grid where resid(t) is least, refined by a golden-section search between its neighbours."""
+    errs = [resid(t) for t in grid]
+    i = min(range(len(grid)), key=errs.__getitem__)
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    for _ in range(20):
+        m1, m2 = hi - (hi - lo) / 1.618, lo + (hi - lo) / 1.618
+        lo, hi = (lo, m2) if resid(m1) < resid(m2) else (m1, hi)
+    return (lo + hi) / 2
+
+
+def rope_fit(config, w, runs, failing) -> Diagnosis | None:
+    """With RoPE off passing (all positions 0), the rotary base fitted on each failing scenario: when a base explains
+    each (the output much closer to it than to the reference), the frequencies are off, by a constant or by an
+    amount that changes with the length (dynamic scaling applied where it must not be)."""
+    if "zero_positions" not in runs or "zero_positions" in failing:
+        return None
+    names = [n for n in failing if runs[n].dtype == torch.float32 and runs[n].x.shape[1] <= MAX_SUSPECT_LEN
+             and int(runs[n].pos.max()) > 0]  # fmt: skip
+    rp = config["rope_parameters"]
+    theta = rp["rope_theta"]
+    w64 = {n: t.double() for n, t in w.items()}
+    found = []
+    for n in sorted(names, key=lambda n: runs[n].x.shape[:2].numel())[:3]:
+        r = runs[n]
+        x = r.x.double()
+
+        def sim(t: float, r=r, x=x) -> torch.Tensor:
+            cfg = {**config, "rope_parameters": {**rp, "rope_theta": theta * 2.0**t}}
+            fn = pipeline.layer(tables=lambda c, p, dt: pipeline.tables(cfg, p, dt))
+            return pipeline.float64(fn, x, w64, r.pos, r.mask, config)
+
+        t = fit(lambda t, r=r: rms(r.out, sim(t), r.keep), [i / 2 for i in range(-24, 25)])  # x 1/4096 to 4096
+        noise = 0.0 if r.ref64 is None else rms(r.ref, r.ref64, r.keep)
+        if abs(t) < 1e-3 or not rms(r.out, sim(t), r.keep) <= 0.3 * rms(r.out, r.ref, r.keep) + 2 * noise:
+            return None
+        found.append((int(r.pos.max()) + 1, theta * 2.0**t))
+    if not found:
+        return None
+    bases = sorted(found)
+    if max(b for _, b in bases) < 1.02 * min(b for _, b in bases):
+        hint = (f"the rotary frequencies look computed with rope_theta = {bases[0][1]:.4g} instead of the config's "
+                f"{theta:g}: take rope_parameters from the config")  # fmt: skip
+    else:
+        seen = ", ".join(f"{b:.4g} at {L} positions" for L, b in bases)
+        hint = (f"the rotary base looks different at each length ({seen}; the config's is {theta:g}): the "
+                "frequencies change with the length where they must not (dynamic scaling rescales only past "
+                "max_position_embeddings, from the longest position seen)")  # fmt: skip
+    return Diagnosis("rope_frequencies", hint, "rope_fit")
