@@ -10,8 +10,9 @@
 contracts. Running: the first item of an implementation runs `verify()` on it, the command line's judge (its worker
 process, its tolerance policy), and the result is kept for the session; each item passes or fails from its row. A
 failing item's message is the verdict: stage, hint, the check's error and tolerance, the failing rows, a fault's
-text. An item without a row fails (the run never produced it); the one skip is a kernel's `lse` check when the
-kernel returned no lse (the core contract makes it optional). Items record max_abs_err, tolerance,
+text. An item without a row fails (the run never produced it); the skips are a kernel's `lse` check when the
+kernel returned no lse (the core contract makes it optional), and a kernel's scenario that uses a keyword its
+signature lacks (window, softcap, sinks: verify skips it too). Items record max_abs_err, tolerance,
 precision_ratio and stage as properties (`--junitxml` carries them).
 
 Where the items are collected: ini entries belong to the repository root (the ini file's folder): a run over it
@@ -409,6 +410,10 @@ def outcome(result: Result, target: str, spec: str, scenario: str, check: str, c
                   "precision_ratio": worst.c.precision_ratio, "dtype": worst.dtype, "rule": worst.c.rule}  # fmt: skip
     if result.error:
         return "failed", f"{spec}: {result.error}", props
+    why = next((r.skipped for r in result.rows if (r.fixture, r.impl, r.scenario) == (target, spec, scenario)
+                and r.skipped is not None), None)  # fmt: skip
+    if why is not None:  # the scenario was not run (a keyword the kernel does not take): skipped, never passed
+        return "skipped", f"{scenario}: not run: {why}", props
     if not mine:
         forward = [r for r in result.rows if (r.fixture, r.impl, r.scenario, r.check) == (target, spec, scenario,
                                                                                           "forward")]  # fmt: skip

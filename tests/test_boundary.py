@@ -169,6 +169,41 @@ def test_builtin_cores_pass_the_whole_kernel_matrix(name, kernel_refs):
     assert {r.scenario for r in rows} == {s.name for s in kernels.SCENARIOS}
 
 
+HF_KERNELS = "tests/plugins/hf_kernels.py"
+KEYWORD_SCENARIOS = {s.name for s in kernels.SCENARIOS if s.quick and s.uses()}
+
+
+@pytest.mark.slow
+def test_a_kernel_without_the_keywords_skips_their_scenarios(tmp_path):
+    """Its plain scenarios run and pass; window/softcap/sinks ones are SKIP rows listed in the verdict, counted in
+    the summary, <skipped/> in JUnit: a pass without --strict (the verdict line says so), a failure with it. A
+    kernel whose signature claims `window` and does not take it crashes on them: its own verdict only."""
+    spec, liar = f"{HF_KERNELS}:no_keywords", f"{HF_KERNELS}:claims_window"
+    junit = tmp_path / "j.xml"
+    p, doc = verify_cli(tmp_path, "--quick", "--core", spec, "--core", liar, "--junit", str(junit))
+    v = verdicts(doc)
+    assert v[spec]["passed"] is True and p.returncode == 1  # the liar's crash fails the run, not this kernel
+    assert {x["scenario"] for x in v[spec]["skipped"]} == KEYWORD_SCENARIOS
+    assert all("keyword" in x["why"] and "in its signature" in x["why"] for x in v[spec]["skipped"])
+    mine = [r for r in doc["results"] if r["impl"] == spec]
+    assert {r["scenario"] for r in mine if r["skipped"] is None} == {s.name for s in kernels.select(
+        set(DTYPES.values()), True)} - KEYWORD_SCENARIOS and all(r["passed"] for r in mine if r["skipped"] is None)
+    n = len(KEYWORD_SCENARIOS)
+    assert f"PASS (with skips) kernels / {spec}: {n} scenarios skipped" in p.stdout
+    n_skip = doc["summary"]["skipped"]
+    assert n_skip == n + len(v[liar]["skipped"]) and f"; {n_skip} skipped" in p.stdout
+    assert junit.read_text().count("<skipped") == n_skip
+    assert (v[liar]["passed"], v[liar]["stage"]) == (False, "crash") and "window" in v[liar]["hint"]
+    assert {x["scenario"] for x in v[liar]["skipped"]} == {s for s in KEYWORD_SCENARIOS
+                                                           if kernels.BY_NAME[s].uses() != ("window",)}  # fmt: skip
+    alone, doc = verify_cli(tmp_path, "--quick", "--core", spec, "--dtype", "float32")
+    assert alone.returncode == 0, alone.stdout[-2000:]
+    strict, doc = verify_cli(tmp_path, "--quick", "--core", spec, "--dtype", "float32", "--strict", "--junit",
+                             str(junit))  # fmt: skip
+    assert strict.returncode == 1 and f"FAIL (--strict) kernels / {spec}: " in strict.stdout
+    assert junit.read_text().count('type="skipped"') == doc["summary"]["skipped"] > 0
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--core", "nosuch"], "for the core contract"),
     (["--module", "naive"], "for the module contract"),

@@ -18,7 +18,7 @@ from conftest import ROOT
 
 from harness import pytest_plugin as plugin
 from harness.verify import contracts
-from harness.verify.compare import compare, not_run
+from harness.verify.compare import compare, not_run, skipped
 from harness.verify.records import Row, Verdict
 from harness.verify.run import resolve_fixtures
 from harness.verify.scenarios import select
@@ -193,3 +193,15 @@ def test_outcome_of_a_fault_and_of_an_optional_check():
     assert plugin.outcome(result, "fx", "my:attn", "b", "lse", "core")[0] == "skipped"
     assert plugin.outcome(result, "fx", "my:attn", "a", "lse", "core")[0] == "failed"
     assert plugin.outcome(result, "fx", "my:attn", "b", "lse", "layer")[0] == "failed"  # no optional check there
+
+
+def test_outcome_of_a_skipped_scenario():
+    """A kernel scenario the kernel's signature cannot take: its items are skipped with the reason, never passed."""
+    why = "no `window` keyword in its signature"
+    skip = Row("fx", "my:attn", "w", "float32", 0.0, skipped(why), skipped=why)
+    result = plugin.Result([row("b", 0.0), skip], [Verdict("fx", "my:attn", "core", True,
+                                                           skipped=[{"scenario": "w", "why": why}])])  # fmt: skip
+    for check in ("forward", "lse"):
+        status, msg, _ = plugin.outcome(result, "fx", "my:attn", "w", check, "core")
+        assert status == "skipped" and why in msg
+    assert plugin.outcome(result, "fx", "my:attn", "b", "forward", "core")[0] == "passed"

@@ -4,7 +4,8 @@
     loop.py         the one check loop: (contract, target, implementation) -> rows -> verdict; faults, timing
     contracts/      one module per contract (layer, module, core, and their gradients): cases, reference, call,
                     comparison, diagnosis hooks
-    scenarios.py    a layer's seeded inputs (lengths, padding, positions, dtypes); kernels.py the kernel matrix
+    scenarios.py    a layer's seeded inputs (lengths, padding, positions, dtypes); kernels.py the kernel matrix,
+                    kernel_hf.py its reference (transformers' functions for windows, softcapping, sinks)
     grads.py        transformers' gradients through autograd and the gradient rule
     compare.py      the tolerance policy: 1e-3 in float32, the FlashAttention rule in half precision
     diagnosis/      for a failing implementation, the first broken stage and a hint

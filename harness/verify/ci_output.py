@@ -5,11 +5,13 @@
                         their own, `reference`. A failing row's <failure> carries its verdict: type = the stage,
                         message = stage and hint, text = max abs error, tolerance, the failing scenarios, the
                         fault's traceback. A drifted golden is a passing testcase whose <system-out> says it moved
-                        (a drift never fails a run)
+                        (a drift never fails a run). A skipped scenario is <skipped message=why/>; under --strict
+                        a <failure> of type `skipped` (the run fails: a CI system must see which case did it)
     step_summary(...)   markdown for $GITHUB_STEP_SUMMARY: a verdict per implementation and fixture, the stage and
                         hint of each failure, the reference's drift and failures
     annotations(...)    `::error title=...::message` per failing verdict (and failing reference row),
-                        `::warning` per drift, escaped as GitHub's workflow commands require
+                        `::warning` per drift and per verdict with skipped scenarios (an error under --strict),
+                        escaped as GitHub's workflow commands require
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import os
 from pathlib import Path
 
 from harness.common import UserError, one_line, write_atomic
-from harness.verify.report import REFERENCE_CHECKS, drift_line, is_drift, summary_line
+from harness.verify.report import REFERENCE_CHECKS, drift_line, is_drift, skipped_text, summary_line
 
 __all__ = ["annotations", "append_summary", "github_actions", "junit", "require_junitparser", "step_summary"]
 
@@ -30,23 +32,28 @@ REFERENCE_SUITE = "reference"
 
 
 def failed_verdicts(verdicts, strict: bool) -> list:
-    return [v for v in verdicts if not v.passed or (strict and v.imprecise)]
+    return [v for v in verdicts if not v.passed or (strict and (v.imprecise or v.skipped))]
 
 
 def row_fails(r, strict: bool) -> bool:
+    if r.skipped is not None:
+        return strict
     return (not r.passed and not is_drift(r)) or (strict and r.c.imprecise)
 
 
 def hint_text(v, strict: bool) -> str:
-    """`hint (failing: a, b)`."""
+    """`hint (failing: a, b)`, and the skipped scenarios."""
     where = ", ".join(v.failing)
     kind = "failing" if not v.passed else "imprecise, failing under --strict" if strict else "imprecise"
-    return f"{v.hint}" + (f" ({kind}: {where})" if where else "")
+    text = f"{v.hint}" + (f" ({kind}: {where})" if where else "") if v.hint or where else ""
+    if v.skipped:
+        text += ("; " if text else "") + skipped_text(v.skipped) + (" (failures under --strict)" if strict else "")
+    return text
 
 
 def verdict_text(v, strict: bool) -> str:
     """`stage S: hint (failing: a, b)`: what the verdict line of the table says, without its prefix."""
-    return f"stage {v.stage}: {hint_text(v, strict)}"
+    return f"stage {v.stage or 'skipped'}: {hint_text(v, strict)}"
 
 
 def reference_text(r) -> str:
@@ -83,6 +90,14 @@ def junit(rows, verdicts, strict: bool = False, drift: list[dict] | None = None)
         if is_drift(r):
             d = moved.get((r.fixture, r.scenario))
             case.system_out = drift_line([d]) if d else "the reference moved (the golden disagrees)"
+        elif r.skipped is not None:
+            why = f"skipped: {r.skipped}"
+            if strict:
+                failure = jp.Failure(one_line(f"{why} (a skip fails under --strict)", 1000), "skipped")
+                failure.text = f"stage: skipped\nwhy: {r.skipped}\ndtype: {r.dtype}"
+                case.result = [failure]
+            else:
+                case.result = [jp.Skipped(one_line(why, 1000))]
         elif row_fails(r, strict):
             v = by_key.get((r.fixture, r.impl))
             if reference or v is None:
@@ -134,9 +149,10 @@ def step_summary(rows, verdicts, seconds: float, n_fixtures: int, n_impls: int, 
         lines += [f"> [!WARNING]\n> {cell(line)}", ""]
     lines += ["| fixture | implementation | verdict | stage | hint |", "|---|---|---|---|---|"]
     for v in verdicts:
-        failed = not v.passed or (strict and v.imprecise)
-        verdict = "FAIL" if failed else "PASS*" if v.imprecise else "PASS"
-        stage, hint = (v.stage, hint_text(v, strict)) if failed or v.imprecise else ("", "")
+        failed = not v.passed or (strict and (v.imprecise or v.skipped))
+        verdict = "FAIL" if failed else "PASS*" if v.imprecise else "PASS (skips)" if v.skipped else "PASS"
+        noted = failed or v.imprecise or v.skipped
+        stage, hint = (v.stage or ("skipped" if v.skipped else ""), hint_text(v, strict)) if noted else ("", "")
         lines.append(f"| {cell(v.fixture)} | `{cell(v.impl)}` | **{verdict}** | {cell(stage or '')} | {cell(hint)} |")
     for r in rows:
         if r.impl in REFERENCE_CHECKS and not r.passed:
@@ -176,9 +192,13 @@ def command(kind: str, title: str, message: str) -> str:
 
 
 def annotations(rows, verdicts, strict: bool = False, drift: list[dict] | None = None) -> list[str]:
-    out = [command("error", f"attention-verify: {v.fixture} / {v.impl} fails at stage {v.stage}",
+    failing = failed_verdicts(verdicts, strict)
+    out = [command("error", f"attention-verify: {v.fixture} / {v.impl} fails at stage {v.stage or 'skipped'}",
                    verdict_text(v, strict) + (f"\n{v.error}" if v.error and v.error != v.hint else ""))
-           for v in failed_verdicts(verdicts, strict)]  # fmt: skip
+           for v in failing]  # fmt: skip
+    out += [command("warning", f"attention-verify: {v.fixture} / {v.impl} skipped scenarios",
+                    skipped_text(v.skipped) + "; a skip is not a pass (--strict fails it)")
+            for v in verdicts if v.skipped and v not in failing]  # fmt: skip
     out += [command("error", f"attention-verify: {r.fixture} / {r.impl}: the reference disagrees", reference_text(r))
             for r in rows if r.impl in REFERENCE_CHECKS and not r.passed and not is_drift(r)]  # fmt: skip
     line = drift_line(drift or [])

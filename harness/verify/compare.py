@@ -87,3 +87,9 @@ def not_run(ref: torch.Tensor, dtype) -> Comparison:
 def within(err: float, tol: float, rule: str) -> Comparison:
     """A check of one number against a bound (a kernel's lse vs float64)."""
     return Comparison(err <= tol, err, None, float("nan"), float("nan"), tol, rule, err, float("nan"), 0)
+
+
+def skipped(why: str) -> Comparison:
+    """The row of a scenario that was not run (the implementation cannot take what it needs): not a pass."""
+    return Comparison(False, float("nan"), None, float("nan"), float("nan"), float("nan"), f"skipped: {why}",
+                      float("nan"), float("nan"), 0)  # fmt: skip

@@ -4,7 +4,9 @@
                     outputs are never used, so nothing may flow back from them)
     layers/modules  gradients w.r.t. x and the four weights, vs transformers' LlamaAttention (eager, in the
                     scenario's dtype) and its sdpa path in float64 (float64 RoPE tables)
-    kernels         gradients w.r.t. q, k and v, vs eager_attention_forward and sdpa_attention_forward in float64
+    kernels         gradients w.r.t. q, k and v (and the sinks, when given), vs transformers' functions of the kernel
+                    matrix (kernel_hf.py: llama's, gemma2's, gpt_oss's eager functions; sdpa's) in the dtype and in
+                    float64
     the rule        the forward policy, scale-aware: in float32, max |impl - HF| <= 1e-3 x max |HF gradient| (an
                     output of order 1 gets 1e-3; a gradient's scale is its own), or closer to float64 than twice
                     HF's own distance plus the rounding floor; bfloat16/float16: the FlashAttention rule against
@@ -22,18 +24,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding, eager_attention_forward
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
 from harness.reference import additive_mask, float64_tables, hf_config
+from harness.verify import kernel_hf
 from harness.verify.compare import Comparison, compare
 
 GRAD_TOL = 1e-3  # of the gradient's own scale (max |HF gradient|)
 LAYER_QUICK = ("short", "left_padding", "sparse_positions", "bfloat16")
 LAYER_FULL = LAYER_QUICK + ("one_token", "len_257", "long_2048", "scaled_x50", "zero_positions")
-KERNEL_QUICK = ("prefill_17", "chunk_17_of_300", "padding", "noncausal", "bfloat16")
+KERNEL_QUICK = ("prefill_17", "chunk_17_of_300", "padding", "noncausal", "bfloat16", "window_chunk", "all_three")
 KERNEL_FULL = KERNEL_QUICK + ("mha_113_d32", "mqa_257_d128", "decode_1", "scale_0.3", "scores_x25", "gqa_1000_d96",
-                              "float16")  # fmt: skip
+                              "float16", "window_64_len65", "window_padding", "window_bidir", "softcap_30_x50",
+                              "softcap_bf16", "sinks_large", "sinks_negative", "sinks_padding", "all_three_decode",
+                              "all_three_bf16")  # fmt: skip
 WEIGHTS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -69,18 +73,21 @@ def hf_layer_grads(config: dict, weights: dict, x, pos, mask, g, dtype, float64:
     return dict(zip(("x", *WEIGHTS), grads, strict=True))
 
 
-def hf_kernel_grads(q, k, v, mask4, g, scale, dtype, float64: bool = False, path: str = "eager") -> dict:
-    """{"q", "k", "v"}: eager_attention_forward (or sdpa's) in dtype, sdpa_attention_forward in float64."""
+def hf_kernel_grads(q, k, v, mask4, g, scale, dtype, float64: bool = False, path: str = "eager",
+                    softcap: float = 0.0, sinks: torch.Tensor | None = None) -> dict:  # fmt: skip
+    """{"q", "k", "v"} (and "sinks" when given): transformers' function for the case (kernel_hf.forward) in dtype
+    (path eager, or sdpa's where it has one), in float64 with float64 sinks."""
     dt = torch.float64 if float64 else dtype
-    m = torch.nn.Module()
-    m.num_key_value_groups, m.training, m.is_causal = q.shape[1] // k.shape[1], False, False
     qq, kk, vv = (t.to(dt).detach().requires_grad_(True) for t in (q, k, v))
-    bias = torch.zeros(mask4.shape, dtype=dt).masked_fill(~mask4, torch.finfo(dt).min)
-    fn = sdpa_attention_forward if float64 or path == "sdpa" else eager_attention_forward
+    wrt = [qq, kk, vv]
+    ss = None
+    if sinks is not None:  # float32 as the kernel gets them; float64 on the float64 path
+        ss = sinks.to(torch.float64 if float64 else torch.float32).detach().requires_grad_(True)
+        wrt.append(ss)
     with torch.enable_grad():
-        out = fn(m, qq, kk, vv, bias, scaling=scale)[0].transpose(1, 2)  # (B, H, Sq, d)
-        grads = torch.autograd.grad((out * g.to(dt)).sum(), [qq, kk, vv])
-    return dict(zip(("q", "k", "v"), grads, strict=True))
+        out = kernel_hf.forward(qq, kk, vv, mask4, scale, softcap, ss, path="float64" if float64 else path)
+        grads = torch.autograd.grad((out * g.to(dt)).sum(), wrt)  # out (B, H, Sq, d)
+    return dict(zip(("q", "k", "v", "sinks"), grads, strict=False))  # sinks: only when given
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -102,6 +109,8 @@ class GradRun:
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """Any gradient -> (1 or B, rows, columns), the layout compare() reads."""
+    if t.dim() == 1:  # the sinks' [H]: one row
+        return t[None, None]
     if t.dim() == 2:  # a weight [out, in]
         return t[None]
     if t.dim() == 4:  # a kernel's (B, H, S, d): one row per (head, position)

@@ -1,6 +1,9 @@
 """The one check loop: (contract, target, implementation) -> rows -> verdict, for any contract (contracts/).
 
-    for each case:  the reference (cached) -> the code on copies of the inputs -> the contract's comparisons
+    for each case:  the reference (cached) -> the code on copies of the inputs -> the contract's comparisons;
+                    a case the code cannot take (the contract's `unsupported`: a keyword missing from its
+                    signature) is skipped, a row with the reason and an entry of the verdict's `skipped`; it is
+                    never a pass (report.py: counted apart; --strict fails the implementation)
     a fault:        an exception is `crash` (its traceback in the verdict), a dead worker `crash` with its exit
                     code or signal, a call past the deadline `timeout`, a wrong reply `contract`; after an
                     exception the code answers on, after a death or a timeout it is not called again
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 
 from harness.common import UserError
 from harness.verify import contracts
+from harness.verify.compare import skipped as skipped_row
 from harness.verify.plugins import Impl
 from harness.verify.records import Row, Verdict, dtype_name
 from harness.verify.worker import Fault
@@ -42,10 +46,16 @@ class Context:
 def judge(c, target, impl: Impl, ctx: Context, cases: list | None = None) -> tuple[list[Row], Verdict]:
     """One implementation on one target under contract c (a module of contracts/)."""
     cases = c.cases(target, ctx, impl) if cases is None else cases
-    rows, evidence, failed, passing, fault = [], {}, {}, [], None
+    rows, evidence, failed, passing, fault, skipped = [], {}, {}, [], None, []
     if ctx.keep is not None:
         ctx.keep[(target.name, impl.spec)] = evidence
     for case in cases:
+        why = unsupported(c, target, case, impl) if fault is None or impl.alive else None
+        if why is not None:
+            rows.append(Row(target.name, impl.spec, case.name, dtype_name(case.dtype), 0.0, skipped_row(why),
+                            check=c.FAULT_CHECK, skipped=why))  # fmt: skip
+            skipped.append({"scenario": case.name, "why": why})
+            continue
         ref = c.reference(target, case, ctx, impl.device)
         t0 = time.perf_counter()
         got = err = None
@@ -81,25 +91,33 @@ def judge(c, target, impl: Impl, ctx: Context, cases: list | None = None) -> tup
     if fault is not None:
         impl.reset()
         v = Verdict(target.name, impl.spec, impl.contract, False, fault.stage, fault.message, None, failing,
-                    fault.traceback or fault.message)  # fmt: skip
+                    fault.traceback or fault.message, skipped=skipped)  # fmt: skip
         return on_device(rows, v, impl)
     if failed:
         d = c.diagnose(target, evidence, failed, passing, impl, ctx)
         return on_device(rows, precision(rows, Verdict(target.name, impl.spec, impl.contract, False, d.stage, d.hint,
-                                                       d.matched, failing)), impl)  # fmt: skip
+                                                       d.matched, failing, skipped=skipped)), impl)  # fmt: skip
     if ctx.grad and c.GRAD:
         g = contracts.get(c.GRAD)
-        grows, gv = judge(g, target, impl, ctx, g.cases(target, ctx, impl, forward=cases))
+        ran = [x for x in cases if x.name not in {s["scenario"] for s in skipped}]  # a skip is not run again
+        grows, gv = judge(g, target, impl, ctx, g.cases(target, ctx, impl, forward=ran))
         rows += grows
+        skipped += gv.skipped
         if not gv.passed:
+            gv.skipped = skipped
             return on_device(rows, precision(rows, gv), impl)
-    v = precision(rows, Verdict(target.name, impl.spec, impl.contract, True))
+    v = precision(rows, Verdict(target.name, impl.spec, impl.contract, True, skipped=skipped))
     if v.imprecise and hasattr(c, "diagnose_precision"):
         imprecise = [r.scenario for r in rows if r.c.imprecise]
         d = c.diagnose_precision(target, evidence, imprecise, impl, ctx)
         v.stage, v.matched, v.failing = d.stage, d.matched, imprecise
         v.hint = f"passes the 1e-3 gate but is {v.precision_ratio:.0f}x less precise than transformers: {d.hint}"
     return on_device(rows, v, impl)
+
+
+def unsupported(c, target, case, impl) -> str | None:
+    """Why the implementation cannot take this case (the contract's `unsupported`, optional), or None."""
+    return c.unsupported(target, case, impl) if hasattr(c, "unsupported") else None
 
 
 def failing_names(c, failed: dict[str, list[str]]) -> list[str]:

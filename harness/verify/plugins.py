@@ -17,7 +17,7 @@ from pathlib import Path
 from harness.common import ROOT, UserError
 from harness.verify import contracts
 from harness.verify.specs import import_spec
-from harness.verify.worker import Fault, Worker, reply_limit, results
+from harness.verify.worker import Fault, Worker, accepts, reply_limit, results, signature_of
 from impl import IMPLEMENTATIONS, INTERPRETED_ON_CPU, sdpa
 
 LAYOUTS = ("hf", "meta")
@@ -48,6 +48,11 @@ class Impl:
     def backend(self) -> str | None:
         """What actually ran, where an implementation chooses (sdpa's backend), for the report."""
         return None
+
+    def accepts(self, name: str) -> bool:
+        """Does its signature take the keyword `name` (a contract's optional keyword, e.g. a kernel's window)? A
+        scenario that needs one it does not take is skipped (never a pass)."""
+        return True
 
     def call(self, contract, header: dict, tensors: dict, doing: str, preload: tuple | None = None,
              expect: int | None = None):  # fmt: skip
@@ -95,6 +100,9 @@ class Builtin(Impl):
     def interpreted(self) -> bool:
         return self.spec in INTERPRETED_ON_CPU and not str(self.device).startswith("cuda")
 
+    def accepts(self, name: str) -> bool:
+        return accepts(signature_of(self.fn), name)
+
     def _on(self, t):
         """A fresh copy on this implementation's device: nothing it does reaches the caller's tensor."""
         return None if t is None else t.to(self.device, copy=True)
@@ -133,6 +141,14 @@ class Isolated(Impl):
     @property
     def alive(self) -> bool:
         return self.worker.proc is not None
+
+    def accepts(self, name: str) -> bool:
+        """As its worker said when its code was imported (the worker is started for it if it was not yet)."""
+        if self.worker.signature is None and self.early is None:
+            self.prepare(max(0.0, self.deadline - time.monotonic()) if self.deadline is not None else 900.0)
+        if self.early is not None:
+            return True  # its next call gives the import's fault, as its verdict
+        return accepts(self.worker.signature, name)
 
     def call(self, contract, header, tensors, doing, preload=None, expect=None):
         if self.early is not None:

@@ -21,15 +21,16 @@ class Row:
     check: str = "forward"  # "forward"; "lse" for a kernel's log-sum-exp; "grad_x", ... for gradients
     error: str | None = None  # why there is no output (a fault)
     device: str = "cpu"
+    skipped: str | None = None  # why the scenario was not run (a keyword the code does not take): never a pass
 
     @property
     def passed(self) -> bool:
-        return self.c.passed
+        return self.c.passed and self.skipped is None
 
     def json(self) -> dict:
         return {"fixture": self.fixture, "impl": self.impl, "scenario": self.scenario, "dtype": self.dtype,
                 "check": self.check, **asdict(self.c), "error": self.error, "device": self.device,
-                "seconds": self.seconds}  # fmt: skip
+                "seconds": self.seconds, "skipped": self.skipped}  # fmt: skip
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Verdict:
     imprecise: bool = False  # passes the gate, but some check is far less precise than transformers
     precision_ratio: float = 0.0  # the largest over its checks (1 = as precise as transformers)
     bit_exact: bool = False  # every float32 forward row exactly transformers' eager output (a note: report.py)
+    skipped: list[dict] = field(default_factory=list)  # [{"scenario", "why"}]: not run; a failure under --strict
 
     def json(self) -> dict:
         return asdict(self)

@@ -7,6 +7,10 @@ reported as drift, one line above the table, and never makes a run pass or fail.
 An implementation whose float32 output equals transformers' eager output bit for bit on every row gets a note
 below the table ("bit_exact" in its verdict), never a failure: code that computes the reference itself or reads
 the fixture's golden output looks exactly like that, and the harness cannot tell it from an exact port.
+
+A skipped scenario (the implementation's signature lacks a keyword it uses) is a row `SKIP (why)`, counted apart
+(neither passed nor failed), listed in its verdict (`skipped`, and in the verdict line); never a pass: --strict
+fails an implementation that skipped any.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ def is_drift(row) -> bool:
     return row.impl == GOLDEN and not row.passed
 
 
-def counts(rows) -> tuple[int, int, int]:
-    """(passed, failed, drift): a drift is neither."""
+def counts(rows) -> tuple[int, int, int, int]:
+    """(passed, failed, drift, skipped): a drift and a skip are neither passed nor failed."""
     drift = sum(is_drift(r) for r in rows)
+    n_skip = sum(r.skipped is not None for r in rows)
     n_pass = sum(r.passed for r in rows)
-    return n_pass, len(rows) - n_pass - drift, drift
+    return n_pass, len(rows) - n_pass - drift - n_skip, drift, n_skip
 
 
 def table(rows) -> str:
@@ -47,11 +52,12 @@ def table(rows) -> str:
             res = f"PASS* ({c.precision_ratio:.0f}x less precise than HF)"
         if is_drift(r):
             res = "DRIFT (the reference moved: see above; not a failure)"
+        if r.skipped is not None:
+            res = f"SKIP ({r.skipped})"
         name = r.scenario if r.check == "forward" else f"{r.scenario}:{r.check}"
-        lines.append(
-            f"{r.fixture:{wf}s} {r.impl:{wi}s} {name:17s} {r.dtype:8s} {c.max_abs_err:11.2e} "
-            f"{c.err_vs_ref64:9.2e} {c.tolerance:9.2e}  {res[:160]}"
-        )
+        nums = (f"{c.max_abs_err:11.2e} {c.err_vs_ref64:9.2e} {c.tolerance:9.2e}" if r.skipped is None
+                else f"{'-':>11s} {'-':>9s} {'-':>9s}")  # fmt: skip
+        lines.append(f"{r.fixture:{wf}s} {r.impl:{wi}s} {name:17s} {r.dtype:8s} {nums}  {res[:160]}")
     return "\n".join(lines)
 
 
@@ -59,12 +65,29 @@ def verdict_lines(verdicts, strict: bool = False) -> list[str]:
     lines = []
     for v in verdicts:
         if not v.passed:
-            lines.append(f"FAIL {v.fixture} / {v.impl}: stage {v.stage}: {v.hint} (failing: {', '.join(v.failing)})")
-        elif v.imprecise:
+            lines.append(f"FAIL {v.fixture} / {v.impl}: stage {v.stage}: {v.hint} (failing: {', '.join(v.failing)})"
+                         + (f"; {skipped_text(v.skipped)}" if v.skipped else ""))  # fmt: skip
+            continue
+        if v.imprecise:
             mark = "FAIL (--strict)" if strict else "PASS*"
             where = ", ".join(v.failing)
             lines.append(f"{mark} {v.fixture} / {v.impl}: stage {v.stage}: {v.hint} (imprecise: {where})")
+        if v.skipped:
+            mark = "FAIL (--strict)" if strict else "PASS (with skips)"
+            lines.append(f"{mark} {v.fixture} / {v.impl}: {skipped_text(v.skipped)}; a skip is not a pass"
+                         + ("" if strict else " (--strict fails it)"))  # fmt: skip
     return lines
+
+
+def skipped_text(skipped: list[dict], shown: int = 6) -> str:
+    """`3 scenarios skipped: no `window` keyword in its signature (window_1, window_17, ...)`, grouped by reason."""
+    by_why: dict[str, list[str]] = {}
+    for s in skipped:
+        by_why.setdefault(s["why"], []).append(s["scenario"])
+    parts = [f"{why} ({', '.join(names[:shown])}{f', and {len(names) - shown} more' if len(names) > shown else ''})"
+             for why, names in by_why.items()]  # fmt: skip
+    n = len(skipped)
+    return f"{n} scenario{'s' if n != 1 else ''} skipped: " + "; ".join(parts)
 
 
 def reference_lines(rows) -> list[str]:
@@ -99,9 +122,10 @@ def drift_line(drift: list[dict]) -> str | None:
 
 
 def summary_line(rows, seconds: float, n_fixtures: int, n_impls: int, strict: bool = False) -> str:
-    n_pass, n_fail, n_drift = counts(rows)
+    n_pass, n_fail, n_drift, n_skip = counts(rows)
     n_imprecise = sum(r.c.imprecise for r in rows)
     return (f"{n_pass} passed, {n_fail} failed in {seconds:.1f} s ({n_fixtures} fixtures x {n_impls} implementations)"
+            + (f"; {n_skip} skipped (not passes{', failures under --strict' if strict else ''})" if n_skip else "")
             + (f"; {n_imprecise} imprecise (PASS*{', failures under --strict' if strict else ''})" if n_imprecise
                else "")
             + (f"; {n_drift} reference drift (not failures)" if n_drift else ""))  # fmt: skip
@@ -109,7 +133,8 @@ def summary_line(rows, seconds: float, n_fixtures: int, n_impls: int, strict: bo
 
 def bit_exact(rows, v) -> bool:
     """Every float32 forward row of this verdict's implementation and target: max abs error exactly 0.0."""
-    mine = [r for r in rows if (r.fixture, r.impl, r.check, r.dtype) == (v.fixture, v.impl, "forward", "float32")]
+    mine = [r for r in rows if (r.fixture, r.impl, r.check, r.dtype) == (v.fixture, v.impl, "forward", "float32")
+            and r.skipped is None]  # fmt: skip
     return bool(mine) and all(r.error is None and r.c.max_abs_err == 0.0 for r in mine)
 
 
@@ -187,10 +212,10 @@ def grad_markdown(rows) -> str:
 def document(rows, verdicts, seconds: float, strict: bool = False, drift: list[dict] | None = None) -> dict:
     """The JSON of a run. A drifted golden row stays in "results" ("passed": false, "drift": true) and is listed in
     "reference_drift"; it is counted neither passed nor failed."""
-    n_pass, n_fail, n_drift = counts(rows)
+    n_pass, n_fail, n_drift, n_skip = counts(rows)
     mark_bit_exact(rows, verdicts)
     return {
-        "summary": {"passed": n_pass, "failed": n_fail, "drift": n_drift,
+        "summary": {"passed": n_pass, "failed": n_fail, "drift": n_drift, "skipped": n_skip,
                     "imprecise": sum(r.c.imprecise for r in rows), "strict": strict, "seconds": round(seconds, 3)},
         "reference_drift": list(drift or []),
         "results": [r.json() | ({"drift": is_drift(r)} if r.impl == GOLDEN else {}) for r in rows],

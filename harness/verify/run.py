@@ -91,7 +91,8 @@ def main(argv=None) -> int:
     p.number("--timeout", lo=0, hi=WEEK_S, above=True, unit="seconds", default=TIMEOUT_S, metavar="SECONDS",
              help=f"per implementation and fixture (default {TIMEOUT_S:g}): past it, stage timeout")
     p.add_argument("--strict", action="store_true",
-                   help="an imprecise implementation (passes 1e-3, far less precise than transformers) fails too")
+                   help="an imprecise implementation (passes 1e-3, far less precise than transformers) fails too, and "
+                   "so does one that skipped a scenario (a kernel whose signature lacks window, softcap or sinks)")
     p.add_argument("--plot", type=Path, metavar="DIR", help="a PNG of where the error sits for every failing or "
                    "imprecise implementation and fixture")  # fmt: skip
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu); the references run "
@@ -175,9 +176,11 @@ def main(argv=None) -> int:
     if a.accept_reference:
         if not drift.accept(fixtures, moved):
             print("--accept-reference: no reference drift, nothing to rewrite")
-    # a drift is never a failure: implementations are judged against the installed transformers
-    failed = any(not r.passed and not report.is_drift(r) for r in rows) or any(not v.passed for v in verdicts)
-    failed = failed or (a.strict and any(v.imprecise for v in verdicts))
+    # a drift is never a failure: implementations are judged against the installed transformers; a skip is one
+    # only under --strict
+    failed = any(not r.passed and not report.is_drift(r) and r.skipped is None for r in rows)
+    failed = failed or any(not v.passed for v in verdicts)
+    failed = failed or (a.strict and any(v.imprecise or v.skipped for v in verdicts))  # a skip is never a pass
     return 1 if failed else 0
 
 

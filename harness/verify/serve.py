@@ -37,11 +37,24 @@ def module(build, header: dict, t: dict, state: dict):
         return state["modules"][key](t["x"], t["position_ids"], attention_mask=t.get("attention_mask"))
 
 
+def features(header: dict, t: dict) -> dict:
+    """The kernel's optional keywords this call carries, and only those: window (a pair), softcap, sinks. A kernel
+    whose signature lacks one is never called with it (the judge skips those scenarios)."""
+    kw = {}
+    if header.get("window") is not None:
+        kw["window"] = tuple(header["window"])
+    if header.get("softcap"):
+        kw["softcap"] = header["softcap"]
+    if t.get("sinks") is not None:
+        kw["sinks"] = t["sinks"]
+    return kw
+
+
 def core(code, header: dict, t: dict, state: dict):
-    """attn(q, k, v, *, causal=True, scale=None, attention_mask=None)"""
+    """attn(q, k, v, *, causal=True, scale=None, attention_mask=None[, window=..., softcap=..., sinks=...])"""
     with torch.no_grad():
         return code(t["q"], t["k"], t["v"], causal=header["causal"], scale=header["scale"],
-                    attention_mask=t.get("attention_mask"))  # fmt: skip
+                    attention_mask=t.get("attention_mask"), **features(header, t))  # fmt: skip
 
 
 def layer_gradients(code, kind: str, config: dict, w: dict, x, pos, mask, g) -> list:
@@ -67,17 +80,22 @@ def layer_grad(code, header: dict, t: dict, state: dict):
                                  t["position_ids"], t.get("attention_mask"), t["g"]))  # fmt: skip
 
 
-def core_gradients(code, q, k, v, causal, scale, mask, g) -> list:
-    """Gradients of sum(out * g) w.r.t. q, k and v; also run on the catalog's bugs."""
+def core_gradients(code, q, k, v, causal, scale, mask, g, **kw) -> list:
+    """Gradients of sum(out * g) w.r.t. q, k, v and, when kw has sinks, the sinks; also run on the catalog's bugs.
+    kw: the optional keywords that are set (features())."""
     q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    wrt = [q, k, v]
+    if kw.get("sinks") is not None:
+        kw["sinks"] = kw["sinks"].detach().clone().requires_grad_(True)
+        wrt.append(kw["sinks"])
     with torch.enable_grad():
-        value = code(q, k, v, causal=causal, scale=scale, attention_mask=mask)
+        value = code(q, k, v, causal=causal, scale=scale, attention_mask=mask, **kw)
         out = value[0] if isinstance(value, tuple) else value
         if not isinstance(out, torch.Tensor) or out.shape != g.shape:
             return [out]
-        return list(torch.autograd.grad((out * g.to(out.dtype)).sum(), [q, k, v], allow_unused=True))
+        return list(torch.autograd.grad((out * g.to(out.dtype)).sum(), wrt, allow_unused=True))
 
 
 def core_grad(code, header: dict, t: dict, state: dict):
     return tuple(core_gradients(code, t["q"], t["k"], t["v"], header["causal"], header["scale"],
-                                t.get("attention_mask"), t["g"]))  # fmt: skip
+                                t.get("attention_mask"), t["g"], **features(header, t)))  # fmt: skip

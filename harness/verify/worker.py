@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import select
@@ -46,6 +47,7 @@ from harness.verify.specs import import_spec
 MAX_HEADER = 1 << 24  # bytes of JSON a message to a worker may carry (a config, a key)
 MAX_REPLY_HEADER = 1 << 20  # bytes of JSON a reply may carry: descriptions and an error's traceback
 MAX_RESULTS = 64  # items a reply may describe
+MAX_NAMES = 256  # parameter names a worker's signature may list
 SLACK = 1 << 16  # bytes a reply's blob may carry beyond its tensors' data (the safetensors header)
 ELEMENT = 8  # bytes of the widest element that can travel (float64, int64)
 SENDABLE = {torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
@@ -160,7 +162,7 @@ def serve(spec: str, contract: str, proto_in: int, proto_out: int) -> None:
     except Exception as e:  # noqa: BLE001 - reported to the parent, which decides
         write_message(proto_out, {"ok": False, "error": error(e)})
         return
-    write_message(proto_out, {"ok": True})
+    write_message(proto_out, {"ok": True, "signature": signature_of(obj)})
     # key -> pristine weights (copied for every call), their config, what a module contract built from them
     state: dict[str, dict] = {"weights": {}, "configs": {}, "modules": {}}
     while True:
@@ -173,6 +175,24 @@ def serve(spec: str, contract: str, proto_in: int, proto_out: int) -> None:
         except Exception as e:  # noqa: BLE001 - the implementation raised: a verdict, not a crash of the worker
             reply, out = {"ok": False, "error": error(e)}, None
         write_message(proto_out, reply, out)
+
+
+def signature_of(obj) -> dict:
+    """The keyword names the code takes (inspect.signature; **kwargs takes any), so that the judge passes an optional
+    keyword only to code that takes it. A signature that cannot be read takes none of them."""
+    try:
+        params = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):
+        return {"names": [], "any": False}
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {"names": [p.name for p in params if p.kind in named][:MAX_NAMES],
+            "any": any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)}  # fmt: skip
+
+
+def accepts(signature: dict | None, name: str) -> bool:
+    """Does code with this signature (signature_of, or a worker's claim made safe by `claimed_signature`) take the
+    keyword `name`?"""
+    return bool(signature) and (signature["any"] or name in signature["names"])
 
 
 def error(e: BaseException) -> dict:
@@ -227,6 +247,16 @@ def _claimed(d: dict) -> dict:
     return out
 
 
+def claimed_signature(d) -> dict:
+    """A worker's word on its code's signature, kept only in the form signature_of gives (else: takes nothing
+    optional). It decides only which scenarios that implementation runs: a false claim is its own verdict (a
+    keyword it does not take raises; one it does take but denies is skipped, never a pass)."""
+    if not isinstance(d, dict) or not isinstance(d.get("names"), list) or not isinstance(d.get("any"), bool):
+        return {"names": [], "any": False}
+    names = [n for n in d["names"][:MAX_NAMES] if isinstance(n, str) and len(n) <= 200]
+    return {"names": names, "any": d["any"]}
+
+
 def checked(reply: dict, tensors: dict[str, torch.Tensor]) -> list[dict]:
     """The reply's descriptions, made from the tensors that really arrived (shape, dtype); the worker's words are
     kept only for what did not travel (its type name, a tensor's device). A description that disagrees with its
@@ -262,6 +292,7 @@ class Worker:
         self.proc: isolation.Process | None = None
         self.ready = False  # launched and answered: its code imported
         self.sent: set[str] = set()  # weight keys the current worker holds
+        self.signature: dict | None = None  # the code's keyword names, as its first worker claimed (None: not yet)
 
     def launch(self) -> None:
         """Start the process without waiting for it: the workers of several implementations import torch and the
@@ -299,6 +330,7 @@ class Worker:
             # the worker's words, shown as this implementation's verdict: never as the harness's own error
             raise Fault("crash", f"importing {self.spec} failed: {_text(err.get('type'), 80)}: "
                         f"{_text(err.get('message'), 600)}", _text(err.get("traceback"), 60_000))  # fmt: skip
+        self.signature = claimed_signature(header.get("signature"))
         self.ready = True
 
     def _receive(self, deadline, doing: str, max_head: int, max_blob: int | None):

@@ -1,11 +1,18 @@
 """The kernel contract (`--core`): the attention between the projections and o_proj.
 
-    attn(q, k, v, *, causal=True, scale=None, attention_mask=None) -> out or (out, lse)
+    attn(q, k, v, *, causal=True, scale=None, attention_mask=None, window=None, softcap=0.0, sinks=None)
+        -> out or (out, lse)
     q [B, H, Sq, d], k and v [B, Hkv, Sk, d], causal bottom-right aligned, attention_mask None or [B, Sk] of
-    1 = key; out in q's dtype, lse [B, H, Sq] float32 natural log (checked when returned)
+    1 = key; window (left, right) as FlashAttention's window_size (-1 unbounded); softcap: scores become
+    softcap * tanh(scores / softcap) after the scale (0 = off); sinks float32 [H], one logit per query head in the
+    softmax's denominator with no value; out in q's dtype, lse [B, H, Sq] float32 natural log of the whole
+    denominator, sink included (checked when returned)
 
+    the call    window, softcap and sinks are passed only when the scenario uses them: a kernel without them runs
+                the other scenarios; a scenario using a keyword its signature lacks is skipped, with the reason
+                (`unsupported`): never a pass, a failure under --strict
     cases       the kernel matrix (verify/kernels.py), one target of its own
-    reference   transformers' eager_attention_forward in the dtype, its sdpa path in float64
+    reference   transformers' own functions (verify/kernel_hf.py), in the dtype and in float64
     compared    out [B, Sq, H*d] over rows that see a key (compare.py); lse within kernels.LSE_TOL of float64
     diagnosis   diagnosis/kernel.py
 """
@@ -29,8 +36,9 @@ from impl import CORES
 
 NAME = "core"
 OPTION = "--core"
-HELP = ("kernels: built-in names or module:function, attn(q, k, v, *, causal=True, scale=None, attention_mask=None) "
-        "-> out or (out, lse)")  # fmt: skip
+HELP = ("kernels: built-in names or module:function, attn(q, k, v, *, causal=True, scale=None, attention_mask=None, "
+        "window=None, softcap=0.0, sinks=None) -> out or (out, lse); a scenario using a keyword the signature lacks "
+        "is skipped")  # fmt: skip
 GRAD = "core_grad"
 FAULT_CHECK = "forward"
 SERVE = "harness.verify.serve:core"
@@ -64,16 +72,38 @@ def reference(target, s, ctx, device="cpu") -> kernels.KernelCase:
     return kernels.reference(s, ctx.cache.setdefault(KERNELS.name, {}))
 
 
-def run_kernel(impl, q, k, v, *, causal=True, scale=None, mask=None):
-    """-> (out, lse or None), checked, where q is (the kernel diagnosis's probes call it too)."""
-    t = {"q": q, "k": k, "v": v} | ({} if mask is None else {"attention_mask": mask})
-    descs, items = impl.call(THIS, {"causal": causal, "scale": scale}, t, "running the kernel",
+def features(window=None, softcap=0.0, sinks=None) -> tuple[dict, dict]:
+    """(header, tensors) carrying the optional keywords that are set, and only those (serve.py passes them on)."""
+    header = ({} if window is None else {"window": list(window)}) | ({"softcap": float(softcap)} if softcap else {})
+    return header, ({} if sinks is None else {"sinks": sinks})
+
+
+def run_kernel(impl, q, k, v, *, causal=True, scale=None, mask=None, window=None, softcap=0.0, sinks=None):
+    """-> (out, lse or None), checked, where q is (the kernel diagnosis's probes call it too). window, softcap and
+    sinks reach the kernel only when set."""
+    extra, more = features(window, softcap, sinks)
+    t = {"q": q, "k": k, "v": v} | ({} if mask is None else {"attention_mask": mask}) | more
+    descs, items = impl.call(THIS, {"causal": causal, "scale": scale} | extra, t, "running the kernel",
                              expect=q.numel() + q[..., 0].numel())  # out and lse  # fmt: skip
     return check_output(descs, items, q, impl.device)
 
 
+def keywords(s: kernels.KernelScenario, c: kernels.KernelCase) -> dict:
+    """The scenario's optional keywords, as run_kernel takes them (window, softcap, sinks; unset ones absent)."""
+    return ({"window": s.window} if s.window is not None else {}) | ({"softcap": s.softcap} if s.softcap else {}) \
+        | ({"sinks": c.sinks} if c.sinks is not None else {})
+
+
 def call(impl, target, s, c: kernels.KernelCase):
-    return run_kernel(impl, c.q, c.k, c.v, causal=s.causal, scale=s.scale, mask=c.mask)
+    return run_kernel(impl, c.q, c.k, c.v, causal=s.causal, scale=s.scale, mask=c.mask, **keywords(s, c))
+
+
+def unsupported(target, s: kernels.KernelScenario, impl) -> str | None:
+    """Why this scenario is skipped for this kernel (a keyword it uses is not in the kernel's signature), or None."""
+    missing = [f"`{kw}`" for kw in s.uses() if not impl.accepts(kw)]
+    if not missing:
+        return None
+    return f"no {', '.join(missing)} keyword{'s' if len(missing) > 1 else ''} in its signature"
 
 
 def check_output(descs: list[dict], items: list, q: torch.Tensor, device=None):
