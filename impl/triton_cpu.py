@@ -2,7 +2,8 @@
 
     @jit                 triton.jit, deferred: the function is kept as it is until `load` (importing triton is slow,
                          and only the Triton kernels need it)
-    load(module)         import triton, decorate the module's @jit functions in the process's own mode
+    load(module)         import triton, decorate the module's @jit functions in the process's own mode (and bind the
+                         @jit functions it imported from another kernel module to their decorated versions)
     compiled(f)          was f decorated for compiling (not for the interpreter)?
     interpreted(f)       f decorated for the interpreter, whatever the process's mode
     launch_interpreted   run a kernel in the interpreter, its callees swapped in for the launch only
@@ -18,6 +19,7 @@ import contextlib
 import ctypes
 import functools
 import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,27 +27,47 @@ import numpy as np
 
 STD_NAMES = ("max", "sum")  # triton.language functions impl's kernels call that are themselves @triton.jit
 _marked: dict[str, dict[str, Callable]] = {}  # module name -> its @jit functions by name, undecorated
+_owner: dict[Callable, str] = {}  # an undecorated @jit function -> the name of the module that defines it
 _twins: dict = {}  # Python function -> its interpreted decoration
 
 
 def jit(fn):
     """Mark fn (a kernel, or a function kernels call) for triton.jit; `load` decorates it. Returns fn unchanged."""
     _marked.setdefault(fn.__module__, {})[fn.__name__] = fn
+    _owner[fn] = fn.__module__
     return fn
 
 
 def load(module):
     """Import triton (once per module) and decorate `module`'s @jit functions with triton.jit, in the process's own
     mode. Their names in the module are rebound, so the calls between them resolve to the decorated versions, and
-    `module.tl` (None until then: the name the kernels use) to triton.language, which is returned."""
+    `module.tl` (None until then: the name the kernels use) to triton.language, which is returned. A @jit function
+    `module` imported from another kernel module (a helper the forward and backward kernels share) is loaded there
+    and its name here rebound to that decorated version: triton.jit resolves a callee by the caller's globals."""
     if module.tl is None:
         import triton  # lazy: triton is slow to import
         import triton.language  # lazy: as triton
 
-        for name in _marked[module.__name__]:
+        for name in _marked.get(module.__name__, {}):
             setattr(module, name, triton.jit(getattr(module, name)))
+        for name, obj in list(vars(module).items()):
+            owner = _owner_of(obj)
+            if owner is not None and owner != module.__name__:
+                setattr(module, name, getattr(_loaded(owner), obj.__name__))
         module.tl = triton.language
     return module.tl
+
+
+def _loaded(name: str):
+    """The kernel module `name`, loaded."""
+    module = sys.modules[name]
+    load(module)
+    return module
+
+
+def _owner_of(obj) -> str | None:
+    """The defining module of an undecorated @jit function, or None for anything else."""
+    return _owner.get(obj) if isinstance(obj, types.FunctionType) else None
 
 
 def compiled(f) -> bool:
@@ -89,15 +111,19 @@ def launch_interpreted(kernel, grid, *args, **constexprs) -> None:
         interpreted(kernel)[grid](*args, **constexprs)
 
 
-def _callees(fn) -> list[str]:
-    """Names of the @jit functions of fn's module that fn calls, directly or through one another."""
-    marked = _marked[fn.__module__]
+def _callees(fn) -> list[tuple[object, str]]:
+    """(module, name) of each @jit function fn calls, directly or through one another, named in the caller's own
+    module (a helper imported from another kernel module is named in the importing module, and its own callees in
+    the module that defines it)."""
     found, todo = [], [fn]
     while todo:
-        for name in todo.pop().__code__.co_names:  # the global (and attribute) names the function's code uses
-            if name in marked and name not in found:
-                found.append(name)
-                todo.append(marked[name])
+        f = todo.pop()
+        module = sys.modules[f.__module__]
+        for name in f.__code__.co_names:  # the global (and attribute) names the function's code uses
+            callee = getattr(getattr(module, name, None), "fn", getattr(module, name, None))  # decorated or not
+            if _owner_of(callee) is not None and (module, name) not in found:
+                found.append((module, name))
+                todo.append(callee)
     return found
 
 
@@ -111,7 +137,7 @@ def _interpreter_scope(module, callees):
     afterwards, which would break a later compiled kernel in the same process. The launch itself has already
     patched everything these functions use (tl.*, tensor methods, tl.core.reduce). Restored on exit.
     """
-    swaps = [(module.tl, n) for n in STD_NAMES] + [(module, n) for n in callees]
+    swaps = [(module.tl, n) for n in STD_NAMES] + callees
     saved = [(obj, name, getattr(obj, name)) for obj, name in swaps]
     try:
         for obj, name, f in saved:

@@ -5,7 +5,9 @@ harness.bench.triton_traffic (the closed form of the forward kernel's traffic).
 Covers: the counter on vector add (exact bytes: masked lanes excluded, an unmasked load counts every lane, element
 sizes; the interpreter restored on exit, also on error); the kernel's counted traffic == traffic_model exactly
 (lengths off the block grid, causal and not, MHA/GQA/MQA, padding mask, Sq < Sk, Sq = 1, head_dim 96's padded lanes,
-bfloat16/float16, default and small blocks) and keys_seen's closed form vs the per-block sum; core against
+bfloat16/float16, default and small blocks; windows of 1, 17 and past the sequence, one- and two-sided, decoding and
+chunked prefill past the window, sinks) and keys_seen's closed form vs the per-block sum (windows included), a fixed
+window's traffic linear in the length; core against
 transformers' eager_attention_forward and a float64 computation over a stacked parametrization (Sq = Sk, Sq = 1,
 Sq < Sk; causal and not; head_dim 32..256; MHA/GQA/MQA; lengths 1, 17, 113, 257; several block sizes), lse against
 float64 logsumexp, padding with a fully padded batch row (out 0, lse -inf, no NaN), scores in the thousands, strided
@@ -13,8 +15,10 @@ float64 logsumexp, padding with a fully padded batch row (out 0, lse -inf, no Na
 (the backward kernels) against float64 autograd (through out and lse), bfloat16/float16 gradients by the same rule
 against HF eager's, the layer's gradients (x and the four projections) against LlamaAttention's; how the
 interpreter is selected (a fresh process: the import does not import triton, the launch leaves triton's mode,
-TRITON_INTERPRET and triton.language as they were). Slow tier: 1000 tokens on Llama-3.2-1B's shapes, traffic at 1024,
-half-precision gradients, TRITON_INTERPRET=1 preset, and compiling the kernels for an sm_90 GPU (no GPU needed).
+TRITON_INTERPRET, triton.language and the kernel modules as they were). Window, softcap and sinks against
+transformers' own functions: tests/test_triton_variants.py. Slow tier: 1000 tokens on Llama-3.2-1B's shapes, traffic
+at 1024, half-precision gradients, TRITON_INTERPRET=1 preset, and compiling the kernels (with and without window,
+softcap, sinks) for an sm_90 GPU (no GPU needed).
 
 Run with `-s` to see the largest errors measured per comparison.
 """
@@ -36,8 +40,10 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from harness.bench.kernel_traffic import count  # noqa: E402
-from harness.bench.triton_traffic import block_hi, keys_seen, traffic_model  # noqa: E402
+from harness.bench.triton_traffic import block_keys, clamped_sum, keys_seen, tiles_loaded, traffic_model  # noqa: E402
 from impl import flash_triton as ft  # noqa: E402
+from impl import flash_triton_bwd as ft_bwd  # noqa: E402
+from impl import flash_triton_fwd as ft_fwd  # noqa: E402
 from impl import triton_cpu  # noqa: E402
 
 F32_TOL = 1e-5  # float32, outputs O(1): measured errors are ~1e-6 (printed with -s)
@@ -128,7 +134,7 @@ def test_counter_restores_the_interpreter():
 # --------------------------------------------------------------------------------------------------------------
 # the kernel's traffic == traffic_model
 
-TRAFFIC = [  # B, H, Hkv, Sq, Sk, d, causal, mask, dtype, (block_m, block_n)
+TRAFFIC = [  # B, H, Hkv, Sq, Sk, d, causal, mask, dtype, (block_m, block_n)[, window, sinks]
     (1, 2, 1, 37, 37, 32, True, False, torch.float32, (16, 16)),
     (2, 4, 2, 33, 70, 96, True, True, torch.bfloat16, (16, 32)),  # Sq < Sk, d padded to 128
     (1, 3, 1, 40, 40, 64, False, True, torch.float16, (32, 16)),  # MQA, non-causal
@@ -136,36 +142,74 @@ TRAFFIC = [  # B, H, Hkv, Sq, Sk, d, causal, mask, dtype, (block_m, block_n)
     (2, 2, 1, 1, 33, 32, False, True, torch.float32, (16, 64)),
     (1, 2, 1, 50, 20, 32, True, True, torch.float32, (16, 16)),  # Sq > Sk: the first rows see nothing
     (1, 4, 2, 130, 200, 64, True, True, torch.float32, (ft.BLOCK_M, ft.BLOCK_N)),  # the default blocks
+    # windows: the loops skip tiles left of the band; edge tiles load only [lo, hi); a sink is one load a program
+    (1, 2, 1, 100, 100, 32, True, True, torch.float32, (16, 16), (16, 0), True),  # sliding_window 17
+    (1, 2, 1, 70, 70, 32, True, False, torch.float32, (16, 32), (0, 0), False),  # window 1: the diagonal only
+    (1, 2, 2, 1, 90, 32, True, True, torch.float32, (16, 16), (20, -1), True),  # decoding past the window
+    (1, 2, 1, 30, 90, 32, True, False, torch.bfloat16, (16, 16), (24, 0), True),  # chunked prefill past it
+    (1, 2, 1, 60, 60, 32, False, True, torch.float16, (16, 16), (7, 3), False),  # two-sided, non-causal
+    (1, 2, 1, 60, 25, 32, False, False, torch.float32, (16, 16), (-1, 2), False),  # right side only, Sq > Sk
+    (1, 2, 1, 40, 40, 32, True, False, torch.float32, (16, 16), (100, 0), False),  # wider than the sequence
 ]
 
 
-@pytest.mark.parametrize("case", TRAFFIC, ids=lambda c: f"{c[3]}x{c[4]}-d{c[5]}-{'c' if c[6] else 'nc'}-{c[1]}/{c[2]}")
+@pytest.mark.parametrize("case", TRAFFIC, ids=lambda c: f"{c[3]}x{c[4]}-d{c[5]}-{'c' if c[6] else 'nc'}-{c[1]}/{c[2]}"
+                         + (f"-w{c[10][0]},{c[10][1]}{'-sinks' if c[11] else ''}" if len(c) > 10 else ""))  # fmt: skip
 def test_counted_traffic_equals_model(case):
-    B, H, Hkv, Sq, Sk, d, causal, has_mask, dtype, (bm, bn) = case
+    B, H, Hkv, Sq, Sk, d, causal, has_mask, dtype, (bm, bn), window, has_sinks = (*case, None, False)[:12]
     q, k, v = qkv(B, H, Hkv, Sq, Sk, d, seed=Sq + Sk, dtype=dtype)
     mask = padding_mask(Sk, [Sk // 3] + [0] * (B - 1)) if has_mask else None
+    sinks = torch.linspace(-1.0, 2.0, H) if has_sinks else None
     with count() as t:
-        out, lse = ft.core(q, k, v, causal=causal, attention_mask=mask, block_m=bm, block_n=bn)
-    want = traffic_model(B, H, Hkv, Sq, Sk, d, dtype=dtype, causal=causal, block_m=bm, block_n=bn, has_mask=has_mask)
+        out, lse = ft.core(q, k, v, causal=causal, attention_mask=mask, window=window, sinks=sinks,
+                           block_m=bm, block_n=bn)  # fmt: skip
+    want = traffic_model(B, H, Hkv, Sq, Sk, d, dtype=dtype, causal=causal, block_m=bm, block_n=bn, has_mask=has_mask,
+                         window=window, has_sinks=has_sinks)  # fmt: skip
     got = {"load_bytes": t.load_bytes, "store_bytes": t.store_bytes, "load_calls": t.load_calls}
     assert got | {"store_calls": t.store_calls} == want
-    # and the output is right
-    ref, _ = exact(q, k, v, mask, causal)
-    tol = F32_TOL if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    # and the output is right (the window's own references: tests/test_triton_variants.py)
+    if window is None and sinks is None:
+        ref, _ = exact(q, k, v, mask, causal)
+        tol = F32_TOL if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+
+
+def test_windowed_traffic_grows_linearly():
+    """A fixed window: the keys loaded grow by the same amount for each added query block (bounded per block), while
+    causal's grow with the length; at 16384 tokens a window of 512 reads ~1/14 of causal's K/V bytes."""
+    per_block = [keys_seen(n, n, causal=True, block_m=64, window=(511, 0)) for n in (4096, 8192, 16384)]
+    assert per_block[2] - per_block[1] == 2 * (per_block[1] - per_block[0])  # linear in n
+    assert per_block[2] <= (16384 // 64) * (512 + 64)  # each block: at most window + block_m keys
+    w, c = (traffic_model(1, 32, 8, 16384, 16384, 64, dtype=torch.bfloat16, causal=True, window=win)
+            for win in ((511, 0), None))  # fmt: skip
+    assert 10 < c["load_bytes"] / w["load_bytes"] < 20
 
 
 def test_keys_seen_closed_form():
+    """keys_seen (clamped arithmetic series in closed form) == the per-block sum of hi - lo, over lengths, block
+    sizes, causal or not and windows bounded on either side, none or both; clamped_sum against its definition."""
+    windows = [None, (0, 0), (5, 0), (16, 0), (3, 7), (-1, 4), (9, -1), (200, 200)]
     for Sq in range(0, 70, 3):
         for Sk in range(1, 70, 4):
             for bm in (1, 4, 16, 64):
                 for causal in (True, False):
-                    per_block = sum(block_hi(i, Sq, Sk, causal, bm) for i in range(-(-Sq // bm)))
-                    assert keys_seen(Sq, Sk, causal=causal, block_m=bm) == per_block, (Sq, Sk, bm, causal)
+                    for w in windows:
+                        n = -(-Sq // bm)
+                        per_block = sum(h - lo for lo, h in (block_keys(i, Sq, Sk, causal=causal, block_m=bm,
+                                                                        window=w) for i in range(n)))  # fmt: skip
+                        got = keys_seen(Sq, Sk, causal=causal, block_m=bm, window=w)
+                        assert got == per_block, (Sq, Sk, bm, causal, w)
+    for c in range(-40, 40, 3):
+        for step in (1, 3, 16):
+            for n in (0, 1, 5, 17):
+                for top in (0, 1, 10, 33):
+                    assert clamped_sum(c, step, n, top) == sum(min(top, max(0, c + i * step)) for i in range(n))
     # block_n never changes the bytes, only the number of loads
     a, b = (traffic_model(1, 32, 8, 4096, 4096, 64, dtype=torch.bfloat16, causal=True, block_n=n) for n in (32, 128))
     assert (a["load_bytes"], a["store_bytes"]) == (b["load_bytes"], b["store_bytes"])
     assert a["load_calls"] > b["load_calls"]
+    assert tiles_loaded(100, 100, causal=True, block_m=16, block_n=16, window=(16, 0)) < tiles_loaded(
+        100, 100, causal=True, block_m=16, block_n=16)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -456,12 +500,14 @@ def test_launch_leaves_triton_as_it_was():
 
     q, k, v = qkv(1, 2, 1, 20, 20, 32)
     ft.core(q, k, v, block_m=16, block_n=16)  # the first launch: the interpreter adds its globals to this module's
-    before = (dict(vars(tl)), dict(vars(tl.core)), dict(vars(ft)), os.environ.get("TRITON_INTERPRET"))
+    modules = (tl, tl.core, ft, ft_fwd, ft_bwd)
+    before = ([dict(vars(m)) for m in modules], os.environ.get("TRITON_INTERPRET"))
     builder = dict(vars(IB))
     ft.core(q, k, v, block_m=16, block_n=16)
-    after = (dict(vars(tl)), dict(vars(tl.core)), dict(vars(ft)), os.environ.get("TRITON_INTERPRET"))
+    after = ([dict(vars(m)) for m in modules], os.environ.get("TRITON_INTERPRET"))
     assert after == before and dict(vars(IB)) == builder
-    assert type(tl.max).__name__ == type(ft._fwd_kernel).__name__  # both decorated in the process's own mode
+    assert type(tl.max).__name__ == type(ft_fwd.attn_fwd).__name__  # both decorated in the process's own mode
+    assert ft_bwd.cast is ft_fwd.cast  # a shared helper: the backward's name bound to the forward's decoration
 
 
 FRESH = r"""
@@ -478,7 +524,7 @@ assert triton.knobs.runtime.interpret == (mode == "interpret")
 @triton.jit
 def later(x):
     pass
-print(mode, type(later).__name__, type(ft._fwd_kernel).__name__, type(triton.language.max).__name__)
+print(mode, type(later).__name__, type(ft.flash_triton_fwd.attn_fwd).__name__, type(triton.language.max).__name__)
 s = (q.double() @ k.double().repeat_interleave(2, 1).transpose(-2, -1)) / 32 ** 0.5
 s = s.masked_fill(torch.ones(21, 21, dtype=torch.bool).triu(1), float("-inf"))
 print(float((out.double() - torch.softmax(s, -1) @ v.double().repeat_interleave(2, 1)).abs().max()))
@@ -551,28 +597,38 @@ def test_llama_shapes_long_and_traffic():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name,dtype,d,causal,has_mask",
+    "name,dtype,d,band,has_mask,softcap,sinks",
     [
-        ("_fwd_kernel", "fp16", 64, True, True),
-        ("_fwd_kernel", "bf16", 96, False, False),
-        ("_fwd_kernel", "fp32", 64, True, False),
-        ("_bwd_dkdv_kernel", "bf16", 64, True, True),
-        ("_bwd_dq_kernel", "fp16", 128, True, False),
+        ("attn_fwd", "fp16", 64, (False, True), True, False, False),  # causal
+        ("attn_fwd", "bf16", 96, (False, False), False, False, False),
+        ("attn_fwd", "fp32", 64, (False, True), False, False, False),
+        ("attn_fwd", "bf16", 128, (True, True), True, True, True),  # a window, softcap and sinks
+        ("attn_bwd_dkdv", "bf16", 64, (False, True), True, False, False),
+        ("attn_bwd_dkdv", "fp16", 64, (True, True), False, True, False),
+        ("attn_bwd_dq", "fp16", 128, (False, True), False, False, False),
+        ("attn_bwd_dq", "bf16", 64, (True, False), True, True, False),
     ],
 )
-def test_compiles_for_a_gpu(name, dtype, d, causal, has_mask):
-    """The compiled path, without a GPU: each kernel lowers through Triton's NVIDIA backend to an sm_90 cubin."""
+def test_compiles_for_a_gpu(name, dtype, d, band, has_mask, softcap, sinks):
+    """The compiled path, without a GPU: each kernel lowers through Triton's NVIDIA backend to an sm_90 cubin, with
+    and without the band's sides, the cap and the sinks."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    triton_cpu.load(ft)
-    fn = getattr(ft, name)
+    module = ft_fwd if name == "attn_fwd" else ft_bwd
+    triton_cpu.load(module)
+    fn = getattr(module, name)
     if type(fn).__name__ != "JITFunction":
         pytest.skip("TRITON_INTERPRET=1 is set: no compiled kernel in this process")
     consts = dict(
-        CAUSAL=causal, HAS_MASK=has_mask, HEAD_DIM=d, D_PAD=1 << (d - 1).bit_length(), BLOCK_M=ft.BLOCK_M,
-        BLOCK_N=ft.BLOCK_N, EMULATE_BF16=False, PRECISION="ieee" if dtype == "fp32" else "tf32",
+        HAS_LEFT=band[0], HAS_RIGHT=band[1], HAS_MASK=has_mask, SOFTCAP=softcap, HEAD_DIM=d,
+        D_PAD=1 << (d - 1).bit_length(), BLOCK_M=ft.BLOCK_M, BLOCK_N=ft.BLOCK_N, EMULATE_BF16=False,
+        PRECISION="ieee" if dtype == "fp32" else "tf32",
     )  # fmt: skip
+    if name == "attn_fwd":
+        consts["HAS_SINKS"] = sinks
+        if not sinks:
+            consts["Sinks"] = None
     if not has_mask:
         consts["Mask"] = None
     sig = {}
@@ -581,7 +637,8 @@ def test_compiles_for_a_gpu(name, dtype, d, causal, has_mask):
         sig[n] = (
             "constexpr" if p.is_constexpr or n in consts
             else f"*{dtype}" if n in ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV")
-            else "*i8" if n == "Mask" else "*fp32" if n in ("Lse", "Delta") else "fp32" if n == "scale" else "i32"
+            else "*i8" if n == "Mask" else "*fp32" if n in ("Lse", "Delta", "Sinks")
+            else "fp32" if n in ("scale", "softcap") else "i32"
         )  # fmt: skip
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})
     options = {"num_warps": 4 if d <= 64 else 8, "num_stages": 2}  # as impl.flash_triton launches it
