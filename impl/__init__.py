@@ -15,10 +15,10 @@ The layer contract (every entry of IMPLEMENTATIONS):
       attention_mask None or [batch, seq] of 1 = token, 0 = padding
       returns        [batch, seq, hidden_size], dtype of x: causal self-attention with RoPE, no bias, no dropout
 
-Pieces, one concept per file: rope (frequencies, tables, both pairings), gqa (repeat_kv, grouping), masks,
-projection (stage 1 and the output projection), naive, loop, tiled (FlashAttention-2 style, forward and
-backward in PyTorch), flash_triton (FlashAttention-2 forward and backward kernels in Triton), sdpa, decode
-(KV cache).
+Pieces, one concept per file: rope (frequencies, tables, both pairings), gqa (repeat_kv, grouping), masks (and
+the variants' math: window, softcap, sinks), projection (stage 1 and the output projection), naive, loop, tiled
+(FlashAttention-2 style, forward and backward in PyTorch: tiled, tiled_forward, tiled_backward, tiles),
+flash_triton (FlashAttention-2 forward and backward kernels in Triton), sdpa, decode (KV cache).
 """
 
 from impl import flash_triton, loop, naive, sdpa, tiled
@@ -32,11 +32,19 @@ IMPLEMENTATIONS = {
 }
 
 # The core contract (every entry of CORES): the kernel between the projections and the output projection.
-#   attn(q, k, v, *, causal=True, scale=None, attention_mask=None) -> out or (out, lse)
+#   attn(q, k, v, *, causal=True, scale=None, attention_mask=None, window=None, softcap=0.0, sinks=None)
+#     -> out or (out, lse)
 #     q [B, H, Sq, d]; k, v [B, Hkv, Sk, d] (KV head j serves query heads j*g .. j*g+g-1, g = H / Hkv)
-#     causal: bottom-right aligned (query i sees keys 0 .. Sk - Sq + i); scale None means 1/sqrt(d)
+#     positions bottom-right aligned: query i sits at p = Sk - Sq + i; scale None means 1/sqrt(d)
+#     causal: key j visible only if j <= p
 #     attention_mask None or [B, Sk] of 1 = key, 0 = padding
-#     out [B, H, Sq, d] in q's dtype; lse [B, H, Sq] float32, natural log (-inf where a row sees no key)
+#     window None or (left, right), FlashAttention's window_size: key j visible only if p - left <= j <= p + right;
+#       -1 or None on a side: unbounded; ANDed with causal (transformers' sliding_window=W is causal, (W - 1, 0))
+#     softcap 0.0 = off; else, after the scale, s = softcap * tanh(s / softcap), the mask added after the cap
+#     sinks None or float32 [H]: one logit per query head in the softmax's denominator, with no value (GPT-OSS)
+#     out [B, H, Sq, d] in q's dtype, 0 where a row sees no key; lse [B, H, Sq] float32, natural log of the whole
+#       denominator (the sink included): -inf where a row sees no key, the sink logit with sinks
+#   impl/masks.py writes the variants' math out; backward (autograd): gradients for q, k, v and the sinks.
 CORES = {"naive": naive.core, "loop": loop.core, "tiled": tiled.core, "sdpa": sdpa.core, "triton": flash_triton.core}
 
 # Run in Triton's interpreter when their inputs are on a CPU (correct, but Python-speed): the harness gives them a

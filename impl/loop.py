@@ -14,15 +14,20 @@ from impl.projection import heads, rope_tables
 from impl.rope import apply_half
 
 
-def core(q, k, v, *, causal=True, scale=None, attention_mask=None):
+def core(q, k, v, *, causal=True, scale=None, attention_mask=None, window=None, softcap=0.0, sinks=None):
     """The core contract: q (B, H, Sq, d), k/v (B, Hkv, Sk, d) -> context (B, H, Sq, d), one query head at a time."""
     g = groups(q.shape[1], k.shape[1])
+    masks.check_sinks(sinks, q.shape[1])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    allowed = masks.build(q.shape[2], k.shape[2], attention_mask, q.device, is_causal=causal)[:, 0]  # (B|1, Sq, Sk)
+    wide = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for float64 inputs
+    allowed = masks.build(q.shape[2], k.shape[2], attention_mask, q.device, is_causal=causal, window=window)
+    allowed = allowed[:, 0]  # (B|1, Sq, Sk)
     contexts = []
     for h in range(q.shape[1]):
-        scores = (q[:, h] @ k[:, h // g].transpose(-2, -1)).float() * scale  # (B, Sq, Sk)
-        probs = masks.masked_softmax(scores, allowed)  # (B, Sq, Sk)
+        scores = (q[:, h] @ k[:, h // g].transpose(-2, -1)).to(wide) * scale  # (B, Sq, Sk)
+        scores = masks.cap(scores, softcap)
+        sink = None if sinks is None else sinks[h].to(q.device, wide)  # () : this head's sink logit
+        probs = masks.masked_softmax(scores, allowed, sink)  # (B, Sq, Sk)
         contexts.append(probs.to(v.dtype) @ v[:, h // g])  # (B, Sq, d)
     return torch.stack(contexts, dim=1)  # (B, H, Sq, d)
 

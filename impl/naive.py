@@ -2,7 +2,7 @@
 
     1. projection   q, k, v = x Wq^T, x Wk^T, x Wv^T; split into heads; rotate q and k (RoPE)
     2. scores       q k^T / sqrt(d)                  (each query head against its group's KV head)
-    3. mask/softmax causal + padding, softmax in float32 whatever the input dtype
+    3. mask/softmax causal + padding (+ window, softcap, sinks when asked), softmax in float32 (or wider)
     4. aggregation  probabilities @ v, merge heads, output projection
 
 Memory: O(B * H * Sq * Sk) for the scores. `return_intermediates=True` also returns every stage's tensor, so the
@@ -11,23 +11,33 @@ harness can compare stage by stage with transformers.
 
 from __future__ import annotations
 
+import torch
+
 from impl import masks
 from impl.gqa import groups, repeat_kv
 from impl.projection import heads, output, project_qkv
 
 
-def core(q, k, v, *, causal=True, scale=None, attention_mask=None, stages=None):
-    """The core contract (impl/__init__.py): q (B, H, Sq, d), k/v (B, Hkv, Sk, d) -> context (B, H, Sq, d)."""
+def core(q, k, v, *, causal=True, scale=None, attention_mask=None, window=None, softcap=0.0, sinks=None,
+         stages=None):
+    """The core contract (impl/__init__.py): q (B, H, Sq, d), k/v (B, Hkv, Sk, d) -> context (B, H, Sq, d).
+
+    Scores in float32 (float64 for float64 inputs); window, softcap and sinks as impl/masks.py writes them out.
+    """
     H, Hkv, d = q.shape[1], k.shape[1], q.shape[-1]
     g = groups(H, Hkv)
+    masks.check_sinks(sinks, H)
     k, v = repeat_kv(k, g), repeat_kv(v, g)  # (B, H, Sk, d): KV head j -> query heads j*g .. j*g+g-1
 
-    # 2. scores
-    scores = (q @ k.transpose(-2, -1)).float() * (d**-0.5 if scale is None else scale)  # (B, H, Sq, Sk), float32
+    # 2. scores, capped (softcap 0: unchanged)
+    wide = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for float64 inputs
+    scores = (q @ k.transpose(-2, -1)).to(wide) * (d**-0.5 if scale is None else scale)  # (B, H, Sq, Sk)
+    scores = masks.cap(scores, softcap)
 
-    # 3. mask and softmax (float32)
-    allowed = masks.build(q.shape[2], k.shape[2], attention_mask, q.device, is_causal=causal)  # (B|1, 1, Sq, Sk)
-    probs = masks.masked_softmax(scores, allowed)  # (B, H, Sq, Sk)
+    # 3. mask (causal, window, padding) and softmax (float32), with one sink logit per head in the denominator
+    allowed = masks.build(q.shape[2], k.shape[2], attention_mask, q.device, is_causal=causal, window=window)
+    sink = None if sinks is None else sinks.to(q.device, wide).view(1, H, 1, 1)  # (1, H, 1, 1): per query head
+    probs = masks.masked_softmax(scores, allowed, sink)  # (B, H, Sq, Sk); allowed is (B|1, 1, Sq, Sk)
 
     # 4. aggregation: weighted sum of values
     ctx = probs.to(v.dtype) @ v  # (B, H, Sq, d)
