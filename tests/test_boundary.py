@@ -156,7 +156,9 @@ def kernel_refs():
 
 
 def test_every_kernel_bug_of_the_catalog_is_tested():
-    expressible = {b.name for b in CATALOG if b.contract == "core" and b.kind == "forward"}  # backward: test_grad
+    # backward: test_grad; window, softcap and sinks: test_kernel_diagnosis (on the scenarios that use them)
+    expressible = {b.name for b in CATALOG if b.contract == "core" and b.kind == "forward"
+                   and b.stage not in ("sliding_window", "softcap", "sinks")}  # fmt: skip
     assert expressible <= set(KERNEL_BUGS)
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.bugs import backward, pipeline
+from harness.bugs import keywords as kw
 from harness.bugs import mistakes as m
 from harness.bugs.pipeline import layer
 from harness.bugs.tiled import core_step
@@ -227,6 +228,49 @@ CATALOG: list[Bug] = [
         contract="core"),
     Bug("lse_unscaled", "lse", "lse of the unscaled scores", "compute lse from the scaled scores",
         fn=m.lse_wrong("unscaled"), contract="core", **HELD),
+    # kernels: the contract's window, softcap and sinks (keywords.py)
+    Bug("window_one_too_many", "sliding_window", "the window's left edge one key too far: p - j <= left + 1",
+        "sees one key too many at the window's left edge: the window is (W, 0) where transformers' sliding_window W "
+        "is (W - 1, 0): keep key j when p - left <= j", {"window": kw.window_one_too_many}, contract="core"),
+    Bug("window_one_too_few", "sliding_window", "the window's left edge one key short: p - j < left",
+        "misses the key at the window's left edge: the window is (W - 2, 0) where transformers' sliding_window W is "
+        "(W - 1, 0): keep key j when p - left <= j (<=, not <)", {"window": kw.window_one_too_few}, contract="core"),
+    Bug("window_right_one_too_many", "sliding_window", "the window's right edge one key too far: j <= p + right + 1",
+        "sees one key too many at the window's right edge: keep key j when j <= p + right",
+        {"window": kw.window_right_one_too_many}, contract="core"),
+    Bug("window_top_left", "sliding_window", "the window placed around query index i, not its position Sk - Sq + i",
+        "the window looks aligned top-left: with Sq < Sk query i sits at position p = Sk - Sq + i, and its window is "
+        "p - left .. p + right (bottom-right, like the causal mask)", {"window": kw.window_top_left},
+        contract="core"),
+    Bug("window_ignored", "sliding_window", "the window keyword accepted and never applied",
+        "apply the window: key j visible only if p - left <= j <= p + right", {"window": kw.window_ignored},
+        contract="core", **HELD),
+    Bug("softcap_before_scale", "softcap", "the cap applied to q k^T before the 1/sqrt(d) scale",
+        "the scores look capped before the scale: cap the scaled scores, softcap * tanh(scale q k^T / softcap)",
+        {"cap": kw.cap_before_scale}, contract="core"),
+    Bug("softcap_missing", "softcap", "the softcap keyword accepted and never applied",
+        "the scores are not capped: apply softcap * tanh(scores / softcap) after the scale",
+        {"cap": kw.cap_missing}, contract="core"),
+    Bug("softcap_after_mask", "softcap", "the additive mask added before the cap: masked scores become -softcap",
+        "masked keys get weight: the cap turns the mask's -inf into -softcap; cap the scores, then mask them",
+        fn=kw.cap_after_mask, contract="core"),
+    Bug("softcap_on_probabilities", "softcap", "the cap applied to the probabilities, not the scores",
+        "cap the scores before the softmax", fn=kw.cap_on_probabilities, contract="core", **HELD),
+    Bug("sinks_by_kv_head", "sinks", "sinks[h // g]: each query head reads its KV head's sink",
+        "the query heads look to use their KV head's sink: one sink logit per query head, sinks[h]",
+        {"sink_of": kw.sinks_by_kv_head}, contract="core"),
+    Bug("sink_sign_flipped", "sinks", "exp(-sinks[h]) in the softmax's denominator",
+        "the sink's logit looks negated: the denominator gets exp(sinks[h])", {"sink_of": kw.sink_sign_flipped},
+        contract="core"),
+    Bug("sink_as_key_with_value", "sinks", "the sink joined as a key whose value is the first token's",
+        "a sink has no value: drop its column after the softmax", {"sink_softmax": kw.sink_with_value},
+        contract="core", **HELD),
+    Bug("sink_after_normalising", "sinks", "the keys' softmax divided by (1 + exp(sink)) afterwards",
+        "put exp(sinks[h]) in the denominator beside the keys' exp(s_j), before dividing",
+        {"sink_softmax": kw.sink_after_normalising}, contract="core", **HELD),
+    Bug("lse_without_sink", "sinks", "out right; lse the log of the keys' sum, the sink left out",
+        "lse must include the sink: log(exp(sinks[h]) + sum_j exp(s_j))", fn=kw.lse_without_sink, contract="core",
+        **HELD),
     # the backward pass: a right forward, one mistake in the gradients (verify --grad)
     _grad("no_D", "grad_softmax", "dS = P * dP: the D = rowsum(dO * O) term missing",
           "the softmax backward looks like dS = P * dP: subtract D = rowsum(dO * O), dS = P * (dP - D)"),
@@ -242,6 +286,11 @@ CATALOG: list[Bug] = [
     _grad("gqa_mean", "grad_gqa", "dK/dV of a KV head averaged over its query heads", "sum, not average", **HELD),
     _grad("nan_rows", "grad_nonfinite", "rows with no key give exp(-inf - -inf) = NaN in the backward",
           "rows that see no key (lse = -inf) must give P = 0 in the backward, not NaN"),
+    Bug("grad_dsinks_sign", "grad_softmax", "dsinks = +sum P_sink D: the sinks' gradient negated",
+        "the sinks' gradient looks negated: dsinks[h] = -sum over rows of P_sink * D (P_sink = exp(sinks[h] - lse), "
+        "D = rowsum(dO * O))", fn=kw.dsinks_times(-1.0), contract="core", kind="backward"),
+    Bug("grad_dsinks_zero", "grad_softmax", "the sinks taken as a constant in the backward: dsinks = 0",
+        "write dsinks[h] = -sum P_sink * D", fn=kw.dsinks_times(0.0), contract="core", kind="backward", **HELD),
     Bug("grad_rope_forward_rotation", "grad_rope", "RoPE's backward rotates by +angle (the forward rotation)",
         "RoPE's backward looks like the forward rotation: the gradient goes back through the inverse (sin negated)",
         {"rotate": m.rotate_backward_forward}, kind="backward"),

@@ -3,6 +3,8 @@
     1. projection   q, k, v = x W^T, split into heads (view + transpose); RoPE tables at position_ids; rotate q, k
     2. scores       each query head against its KV head (repeat_interleave), q k^T / sqrt(head_dim)
     3. mask/softmax causal + padding (1 = token), softmax over the keys, fully masked rows -> 0
+                    (kernels, the core contract, also: the scores capped (softcap) after the scale, a sliding window
+                    ANDed with the mask, one sink logit per query head in the softmax's denominator)
     4. aggregation  probabilities @ v, merge heads, o_proj
 
 Built from impl/'s pieces. Every step works in the input's dtype with at least float32 for RoPE and the softmax,
@@ -48,6 +50,38 @@ def allowed(Sq, Sk, attention_mask, causal=True):
     return masks.build(Sq, Sk, attention_mask, is_causal=causal)  # (B|1, 1, Sq, Sk) bool, True = may attend
 
 
+def cap(s, softcap, scale):
+    return softcap * torch.tanh(s / softcap)  # after the scale, before the mask (gemma2's order)
+
+
+def window_keep(Sq, Sk, window):
+    """(1, 1, Sq, Sk) bool: the window (left, right) as FlashAttention's window_size, -1 (or None) unbounded; the
+    queries bottom-right aligned (query i at position Sk - Sq + i)."""
+    p = torch.arange(Sq)[:, None] + (Sk - Sq)  # (Sq, 1)
+    j = torch.arange(Sk)[None, :]  # (1, Sk)
+    left, right = window
+    keep = torch.ones(Sq, Sk, dtype=torch.bool)
+    if left is not None and left >= 0:
+        keep = keep & (p - j <= left)
+    if right is not None and right >= 0:
+        keep = keep & (j - p <= right)
+    return keep[None, None]
+
+
+def sink_of(sinks, H, Hkv):
+    return sinks  # [H]: one logit per query head
+
+
+def sink_softmax(s, allowed, sinks):
+    """The softmax with one more logit per query head (sinks [H]) in the denominator and no value: gpt_oss's extra
+    column, dropped after the softmax. Rows with no key: zeros."""
+    col = sinks.to(s.dtype).reshape(1, -1, 1, 1)  # (1, H, 1, 1)
+    s = s.masked_fill(~allowed, float("-inf"))
+    m = torch.maximum(s.amax(dim=-1, keepdim=True), col)  # the sink joins the row max
+    e = torch.exp(s - m)
+    return e / (e.sum(dim=-1, keepdim=True) + torch.exp(col - m))
+
+
 def aggregate(probs, v):
     return probs.to(v.dtype) @ v  # (B, H, S, d)
 
@@ -66,6 +100,10 @@ class Steps:
     scores: Callable = scores  # (q, k, d) -> (B, H, S, S), float32 or wider
     allowed: Callable = allowed  # (Sq, Sk, attention_mask, causal) -> bool, True = may attend
     softmax: Callable = masks.masked_softmax  # (scores, allowed) -> probabilities
+    cap: Callable = cap  # (scores, softcap, scale) -> capped scores (kernels given softcap)
+    window: Callable = window_keep  # (Sq, Sk, window) -> bool, True = inside the window (kernels given window)
+    sink_of: Callable = sink_of  # (sinks [H], H, Hkv) -> each query head's sink logit [H] (kernels given sinks)
+    sink_softmax: Callable = sink_softmax  # (scores, allowed, sinks [H]) -> probabilities over the keys
     aggregate: Callable = aggregate  # (probs, v) -> (B, H, S, d)
     core: Callable | None = None  # replaces 2-3-aggregate (tiled bugs): (q, k, v, mask, causal, scale) -> ctx
     output: Callable = output  # (ctx, weights) -> (B, S, D)
@@ -85,21 +123,42 @@ def pipeline(steps: Steps, x, w, *, config, position_ids, attention_mask=None):
     return steps.output(ctx, w)  # (B, S, D)
 
 
-KERNEL_STEPS = {"expand", "scores", "allowed", "softmax", "aggregate", "core"}  # what a core-contract kernel holds
+KERNEL_STEPS = {"expand", "scores", "allowed", "softmax", "aggregate", "core", "cap", "window", "sink_of",
+                "sink_softmax"}  # what a core-contract kernel holds  # fmt: skip
 
 
-def kernel(steps: Steps, q, k, v, *, causal=True, scale=None, attention_mask=None):
-    """Stages 2-4 up to the context, the core contract (impl/__init__.py): q (B, H, Sq, d), k/v (B, Hkv, Sk, d)."""
-    H, Hkv, d = q.shape[1], k.shape[1], q.shape[-1]
-    if steps.core is not None:
-        return steps.core(q, k, v, attention_mask, causal, scale)
-    # 2. scores
-    k, v = steps.expand(k, H // Hkv), steps.expand(v, H // Hkv)  # (B, H, Sk, d)
+def logits(steps: Steps, q, k, *, causal=True, scale=None, attention_mask=None, window=None, softcap=0.0):
+    """Stage 2 and 3's mask: (scores (B, H, Sq, Sk) scaled and capped, allowed (B|1, 1, Sq, Sk) bool), k already
+    expanded to the query heads."""
+    d = q.shape[-1]
     s = steps.scores(q, k, d)  # (B, H, Sq, Sk)
     if scale is not None:
         s = s * (scale * d**0.5)  # the scores step divides by sqrt(d): the caller's scale replaces it
-    # 3. mask and softmax
-    p = steps.softmax(s, steps.allowed(q.shape[2], k.shape[2], attention_mask, causal))  # (B, H, Sq, Sk)
+    if softcap:
+        s = steps.cap(s, softcap, d**-0.5 if scale is None else scale)
+    keep = steps.allowed(q.shape[2], k.shape[2], attention_mask, causal)
+    if window is not None:
+        keep = keep & steps.window(q.shape[2], k.shape[2], window)
+    return s, keep
+
+
+def kernel(steps: Steps, q, k, v, *, causal=True, scale=None, attention_mask=None, window=None, softcap=0.0,
+           sinks=None):  # fmt: skip
+    """Stages 2-4 up to the context, the core contract (impl/__init__.py): q (B, H, Sq, d), k/v (B, Hkv, Sk, d);
+    window, softcap and sinks as harness/verify/contracts/core.py states them."""
+    H, Hkv = q.shape[1], k.shape[1]
+    if steps.core is not None:
+        if window is not None or softcap or sinks is not None:
+            raise TypeError("the tiled loop takes no window, softcap or sinks")  # never a suspect for them
+        return steps.core(q, k, v, attention_mask, causal, scale)
+    # 2. scores, 3. mask and softmax
+    k, v = steps.expand(k, H // Hkv), steps.expand(v, H // Hkv)  # (B, H, Sk, d)
+    s, keep = logits(steps, q, k, causal=causal, scale=scale, attention_mask=attention_mask, window=window,
+                     softcap=softcap)  # fmt: skip
+    if sinks is None:
+        p = steps.softmax(s, keep)  # (B, H, Sq, Sk)
+    else:
+        p = steps.sink_softmax(s, keep, steps.sink_of(sinks, H, Hkv))
     # 4. aggregation
     return steps.aggregate(p, v)  # (B, H, Sq, d)
 
@@ -108,8 +167,9 @@ def core(steps: Steps | None = None, **changes) -> Callable:
     """A core-contract kernel computing stages 2-4 with `steps` and `changes` swapped in."""
     steps = replace(steps or Steps(), **changes)
 
-    def attn(q, k, v, *, causal=True, scale=None, attention_mask=None):
-        return kernel(steps, q, k, v, causal=causal, scale=scale, attention_mask=attention_mask)
+    def attn(q, k, v, *, causal=True, scale=None, attention_mask=None, window=None, softcap=0.0, sinks=None):
+        return kernel(steps, q, k, v, causal=causal, scale=scale, attention_mask=attention_mask, window=window,
+                      softcap=softcap, sinks=sinks)  # fmt: skip
 
     return attn
 

@@ -1,7 +1,7 @@
 """The diagnosis of gradients (`--grad`): grad_nonfinite; the catalog's backward bugs as suspects (re-run in
 float64); then which gradients are wrong: a constant factor on dq/dk (grad_scale), only padding (grad_mask), only
 the K/V side of a shared head (grad_gqa), right with RoPE off (grad_rope), o_proj's or the value path's
-(grad_projection), dq/dk with dv right (grad_softmax), else grad_unknown."""
+(grad_projection), dq/dk with dv right or only the sinks' gradient (grad_softmax), else grad_unknown."""
 
 from __future__ import annotations
 
@@ -75,6 +75,11 @@ def _pattern(runs, failing, contract, config) -> Diagnosis:
     q, k_, v, o = ("q", "k", "v", None) if contract == "core" else ("q_proj", "k_proj", "v_proj", "o_proj")
     fp32 = [n for n in failing if runs[n].dtype == torch.float32] or list(failing)
     r = runs[fp32[0]]
+    if names == {"sinks"}:  # q, k and v right: the sinks' own gradient, the softmax backward's sink column
+        c, resid = _factor(r.got["sinks"], r.ref["sinks"])
+        seen = f"dsinks looks multiplied by {c:.3g}" if resid < 1e-2 else "only dsinks is wrong"
+        return Diagnosis("grad_softmax", f"{seen} (dq, dk, dv right): dsinks[h] = -sum over rows of P_sink * D, "
+                         "P_sink = exp(sinks[h] - lse), D = rowsum(dO * O)", "dsinks")  # fmt: skip
     # a constant factor on dq and dk (and nothing on dv): the softmax scale in the backward
     if q in names and v not in names:
         cq, rq = _factor(r.got[q], r.ref[q])

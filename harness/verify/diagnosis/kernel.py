@@ -1,6 +1,8 @@
-"""The diagnosis of a kernel (`--core`): the catalog's kernel bugs as suspects (but its precision bugs), the error's
+"""The diagnosis of a kernel (`--core`): when only scenarios using window, softcap or sinks fail, their probes and
+suspected mistakes (features.py); the catalog's kernel bugs as suspects (but its precision bugs), the error's
 signature (which step, rounded to half precision, leaves it: signature.py), a fitted scale, a GQA-mapping probe,
-then the pattern of failing scenarios (Sq < Sk only: causal alignment; non-causal only: the causal flag; ...)."""
+then the pattern of failing scenarios (Sq < Sk only: causal alignment; non-causal only: the causal flag; only
+window scenarios: the window; ...)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.bugs import catalog, pipeline
+from harness.verify.diagnosis import features
 from harness.verify.diagnosis.evidence import Diagnosis, maxdiff, rms
 from harness.verify.diagnosis.signature import KERNEL_WAYS, SCENARIOS, explain, kernel_case, signatures
 from harness.verify.diagnosis.suspects import PRECISION
@@ -28,9 +31,15 @@ def diagnose_kernel(runs: dict[str, KernelRun], failing: list[str], passing: lis
     out_fail = [n for n in failing if not n.endswith(":lse")]
     lse_fail = [n[:-4] for n in failing if n.endswith(":lse")]
     if not out_fail and lse_fail:
+        found = features.lse_only(runs, lse_fail, call)
+        if found is not None:
+            return found
         return Diagnosis("lse", f"out matches but lse is off (by {max(runs[n].lse_err for n in lse_fail):.2e}): lse "
                          "must be the natural log of the row sum of exp(scale q k^T) over the allowed keys, "
                          "m + log(l), float32", "lse")  # fmt: skip
+    found = features.diagnose(runs, out_fail, passing, call)
+    if found is not None:
+        return found
     bad = [n for n in out_fail if not torch.isfinite(runs[n].out[rows_keep(runs[n])]).all()]
     if bad:
         if set(bad) <= {"scores_x25"}:
@@ -70,9 +79,10 @@ def diagnose_precision(runs: dict[str, KernelRun], imprecise: list[str]) -> Diag
 
 
 def _signature(runs: dict[str, KernelRun], names: list[str]) -> Diagnosis | None:
-    """signature.py on the shortest few of `names` whose outputs are finite."""
+    """signature.py on the shortest few of `names` whose outputs are finite and that use none of window, softcap,
+    sinks (its simulations are plain attention's)."""
     observed, sims = [], []
-    usable = [n for n in names if torch.isfinite(runs[n].out[rows_keep(runs[n])]).all()]
+    usable = [n for n in names if torch.isfinite(runs[n].out[rows_keep(runs[n])]).all() and not runs[n].s.uses()]
     for n in sorted(usable, key=lambda n: runs[n].s.Sq * runs[n].s.Sk)[:SCENARIOS]:
         r = runs[n]
         keep = rows_keep(r)
@@ -93,7 +103,7 @@ def _match(fn, runs, names) -> float | None:
         try:
             with torch.no_grad():
                 sus = fn(r.c.q.double(), r.c.k.double(), r.c.v.double(), causal=r.s.causal, scale=r.s.scale,
-                         attention_mask=r.c.mask)  # fmt: skip
+                         attention_mask=r.c.mask, **features.keywords(r.s, r.c))  # fmt: skip
             sus = sus[0] if isinstance(sus, tuple) else sus
         except Exception:  # noqa: BLE001
             return None
@@ -106,6 +116,9 @@ def _match(fn, runs, names) -> float | None:
 
 
 def _scale_fit(runs, names) -> Diagnosis | None:
+    names = [n for n in names if not runs[n].s.uses()]  # the fitted kernel is plain attention
+    if not names:
+        return None
     probe = max(names, key=lambda n: runs[n].s.Sk > 1)
     r = runs[probe]
     if r.s.Sk == 1:
@@ -160,6 +173,9 @@ def _head_mapping(call) -> Diagnosis | None:
 
 
 def _pattern(f: set, p: set, runs) -> Diagnosis:
+    found = features.pattern(f, runs)
+    if found is not None:
+        return found
     shifted = {n for n, r in runs.items() if r.s.Sq < r.s.Sk and r.s.causal}
     if f and f <= shifted and p & {"prefill_17", "noncausal", "padding"}:
         return Diagnosis("causal_mask", "only causal cases with fewer queries than keys fail: the causal mask is "
