@@ -28,9 +28,11 @@ QUICK = ["--fixture", "smollm2-135m", "--quick", "--dtype", "float32"]
 
 
 def driver(tmp_path, *args, env=None, timeout=600):
-    """verify in a process of its own -> (process, JSON document or None)."""
-    out = tmp_path / f"v-{uuid.uuid4().hex[:6]}.json"
-    p = run(["tests/verify_driver.py", *args, "--json", str(out)], env=env or {}, timeout=timeout)
+    """verify in a process of its own -> (process, JSON document or None). HOSTILE_MARK: its --json path, unique,
+    the only command line the attacks may look for (they never reach another process on this machine)."""
+    out = tmp_path / f"v-{uuid.uuid4().hex}.json"
+    env = {"HOSTILE_MARK": str(out), **(env or {})}
+    p = run(["tests/verify_driver.py", *args, "--json", str(out)], env=env, timeout=timeout)
     doc = json.loads(out.read_text()) if out.exists() else None
     return p, doc
 
@@ -110,7 +112,7 @@ def test_nothing_outlives_its_verdict(tmp_path):
     parent-death signal and hangs past --timeout: after the run, no process of either is left."""
     mark = f"hostile-{uuid.uuid4().hex}"
     p, doc = driver(tmp_path, *QUICK, "--module", f"{ATTACKS}:outlives_its_verdict", "--impl",
-                    f"{ATTACKS}:pdeathsig_cleared", "--timeout", "20", env={"HOSTILE_MARK": mark})  # fmt: skip
+                    f"{ATTACKS}:pdeathsig_cleared", "--timeout", "20", env={"HOSTILE_SLEEPER": mark})  # fmt: skip
     v = verdicts(doc)
     assert v[f"{ATTACKS}:outlives_its_verdict"]["passed"] is True
     assert v[f"{ATTACKS}:pdeathsig_cleared"]["stage"] == "timeout"

@@ -65,6 +65,8 @@ def test_scaling_bugs_are_rope_frequencies(bug, refs):
     if not b.held_out:  # its own suspect matched: its hint, naming the fixture's rope type
         assert (v.matched, v.hint) == (bug, b.hint_for(config)), (v.matched, v.hint)
         assert config["rope_parameters"]["rope_type"] in v.hint, v.hint
+    elif v.matched == "rope_fit":  # found by fitting the rotary base on each failing length: the bases named
+        assert "rotary" in v.hint and f"{config['rope_parameters']['rope_theta']:g}" in v.hint, v.hint
     else:  # found by recomputing the frequencies with one of the fixture's own rope parameters changed: named
         assert v.matched.startswith("rope:"), (v.matched, v.hint)
         changed = re.split(r"[=<]", v.matched.removeprefix("rope:"))[0].removesuffix("_missing")

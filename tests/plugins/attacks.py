@@ -32,23 +32,27 @@ def _cmdline(pid: str) -> str:
 
 
 def judges() -> list[int]:
-    """The judge's PID as this process can learn it: its parent, and any process running the harness's CLI or
-    pytest (the tests run the judge in pytest's process)."""
+    """The judge's PID as this process can learn it: its parent, and a scan of /proc for the command line of its own
+    run (HOSTILE_MARK, a string only that run's command line holds: the attack must never reach another process
+    on the machine, such as the test session itself)."""
     found = {os.getppid()} - {0, 1}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        line = _cmdline(pid)
-        if int(pid) != os.getpid() and "harness.verify" not in line and ("harness" in line or "pytest" in line):
+    mark = os.environ.get("HOSTILE_MARK")
+    for pid in filter(str.isdigit, os.listdir("/proc")) if mark else []:
+        if int(pid) != os.getpid() and mark in _cmdline(pid) and "harness.verify" not in _cmdline(pid):
             found.add(int(pid))
     return sorted(found)
 
 
 def siblings() -> list[int]:
-    """Other workers: processes running harness.verify.worker, and the children of the judge."""
+    """Other workers of this run: the other children of its parent (the judge, or the namespace's init)."""
     found = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        if "harness.verify.worker" in _cmdline(pid) or "harness.verify.isolation" in _cmdline(pid):
-            found.add(int(pid))
-    return sorted(found - {os.getpid(), os.getppid()})
+    try:
+        for tid in os.listdir(f"/proc/{os.getppid()}/task"):
+            with open(f"/proc/{os.getppid()}/task/{tid}/children") as f:
+                found |= {int(c) for c in f.read().split()}
+    except OSError:
+        pass
+    return sorted(found - {os.getpid()})
 
 
 def say(text: str) -> None:
@@ -118,9 +122,13 @@ def rewrite_memory(pid: int) -> int:
         return 0
     with open(f"/proc/{pid}/mem", "r+b", buffering=0) as mem:
         regions = list(_regions(mem, maps))
-        floats = [lo + at - 8 for lo, data in regions for at in _find(data, struct.pack("<Qd", ftype, TOLERANCE))]
-        held = [f for f in floats for lo, data in regions
-                if data.find(struct.pack("<QQQQ", ttype, 2, f, none)) >= 0]  # fmt: skip
+        floats = {lo + at - 8 for lo, data in regions for at in _find(data, struct.pack("<Qd", ftype, TOLERANCE))}
+        held = set()
+        for _, data in regions:  # every 2-tuple: (a float equal to TOLERANCE, None)?
+            for at in _find(data, struct.pack("<QQ", ttype, 2)):
+                item, rest = struct.unpack_from("<QQ", data, at + 16) if at + 32 <= len(data) else (0, 0)
+                if item in floats and rest == none:
+                    held.add(item)
         for f in held:
             mem.seek(f + 16)
             mem.write(struct.pack("<d", 1e30))
@@ -196,8 +204,8 @@ sigstops_judge = _signals_judge(signal.SIGSTOP)
 
 def outlives_its_verdict(config, weights):
     """A module whose build() leaves a process behind: setsid and a double fork, the grandchild sleeping with a
-    marker (HOSTILE_MARK) in its command line for the test to look for after the run."""
-    mark = os.environ.get("HOSTILE_MARK", "hostile-mark")
+    marker (HOSTILE_SLEEPER) in its command line for the test to look for after the run."""
+    mark = os.environ.get("HOSTILE_SLEEPER", "hostile-sleeper")
     if os.fork() == 0:
         os.setsid()
         if os.fork() == 0:

@@ -14,7 +14,7 @@ from harness.bugs import catalog, pipeline
 from harness.verify.diagnosis import features
 from harness.verify.diagnosis.evidence import Diagnosis, maxdiff, rms
 from harness.verify.diagnosis.signature import KERNEL_WAYS, SCENARIOS, explain, kernel_case, signatures
-from harness.verify.diagnosis.suspects import PRECISION
+from harness.verify.diagnosis.suspects import PRECISION, fit
 from harness.verify.kernels import KernelCase, KernelScenario
 
 
@@ -133,14 +133,7 @@ def _scale_fit(runs, names) -> Diagnosis | None:
     def resid(t):
         return _match_err(fn_for(2.0**t), r)
 
-    grid = [i / 4 for i in range(-32, 33)]
-    errs = [resid(t) for t in grid]
-    i = min(range(len(grid)), key=errs.__getitem__)
-    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-    for _ in range(20):
-        m1, m2 = hi - (hi - lo) / 1.618, lo + (hi - lo) / 1.618
-        lo, hi = (lo, m2) if resid(m1) < resid(m2) else (m1, hi)
-    a = 2.0 ** ((lo + hi) / 2)
+    a = 2.0 ** fit(resid, [i / 4 for i in range(-32, 33)])
     if abs(a - 1) < 1e-3 or _match(fn_for(a), runs, names) is None:
         return None
     return Diagnosis("scale", f"scores look multiplied by {a:.4g}x the expected scale ({base:.4g} on {probe}): "

@@ -4,10 +4,11 @@ again on inputs and weights of its own (probes). In order:
 
 1. non-finite outputs: `nonfinite` (rows that see no key give NaN), or `softmax` when only huge scores overflow;
 2. stage by stage, for implementations that return their intermediates (naive): the first that differs from HF;
-3. suspects re-run in float64 (suspects.py): the catalog's bugs, the fixture's rope parameters changed, a fitted
+3. the error's signature (signature.py): which step, rounded to float16 or bfloat16, leaves the error the output
+   shows (a precision stage, or the projections); first, as it is cheap where no rounding explains the error and
+   the suspects are not;
+4. suspects re-run in float64 (suspects.py): the catalog's bugs, the fixture's rope parameters changed, a fitted
    constant on the scores;
-4. the error's signature (signature.py): which step, rounded to float16 or bfloat16, leaves the error the output
-   shows (a precision stage, or the projections);
 5. probes that ask the implementation directly (probes.py): causality, padding, the head mapping;
 6. a rotary base fitted per scenario when RoPE off passes (frequencies off, even by a length-dependent amount);
 7. which rows are wrong: exact-zero rows after a sequence's first token (skipped blocks: `tiling`, unless they are
@@ -48,8 +49,8 @@ def diagnose(fixture, runs: dict[str, Run], failing: list[str], passing: list[st
     steps = (
         lambda: _nonfinite(config, weights, failing, runs),
         lambda: _stagewise(config, weights, fn, runs),
-        lambda: suspects(config, weights, runs, failing),
         lambda: layer_signature(config, weights, runs, failing),
+        lambda: suspects(config, weights, runs, failing),
         lambda: probes(config, weights, runs, failing, call),
         lambda: rope_fit(config, weights, runs, failing),
         lambda: _row_pattern(config, weights, failing, runs),

@@ -10,8 +10,9 @@ compared rows, is fitted (least squares, coefficients >= 0) on the signatures of
 (stage, dtype) that explains the largest share of it, R^2 >= MIN_R2, is named, with the way of lowering that
 carries the most of the fit. Below MIN_R2 no rounding explains the error, and the stage is left to the diagnosis's
 general paths. Each scenario weighs the same (its error normalised), so one with large scores does not drown the
-others; the output is compared on a fixed subset of its channels (o_proj is the costly part, and a few hundred
-channels carry the same pattern).
+others; the shortest is fitted first, and when no stage explains it the others are not tried (the diagnosis asks
+the signature before its suspects, so an error that is no rounding must cost little here); the output is compared
+on a fixed subset of its channels (o_proj is the costly part, and a few hundred channels carry the same pattern).
 
     rope_precision          inv_freq, the angles (position * inv_freq), the cos/sin tables
     projection              the q/k/v projections
@@ -165,9 +166,11 @@ class Case:
     pos: torch.Tensor | None = None
     clean: dict = field(default_factory=dict)
 
-    def run(self, points: frozenset, to: torch.dtype | None) -> torch.Tensor:
-        """The output (a layer's compared channels, or a kernel's context) with `points` rounded to `to`."""
+    def run(self, points: frozenset, to: torch.dtype | None, tables: tuple | None = None) -> torch.Tensor:
+        """The output (a layer's compared channels, or a kernel's context) with `points` rounded to `to`; with
+        `tables` (cos, sin) instead of the config's RoPE tables, when given."""
         first = min((STEP_OF[p] for p in points), default=len(STEP_OF))
+        first = min(first, 1) if tables is not None else first
         rounded, exact = _rounder(points, to), _rounder(frozenset(), None)
 
         def step(i: int, key: str, fn):
@@ -182,7 +185,7 @@ class Case:
             q, k, v = self.qkv
         else:
             qkv = step(0, "qkv", lambda r, _: self._project(r))
-            tables = step(1, "tables", lambda r, _: self._rope(r))
+            tables = tables if tables is not None else step(1, "tables", lambda r, _: self._rope(r))
             q, k, v = step(1, "rotated", lambda r, _: (apply_half(qkv[0], *tables), apply_half(qkv[1], *tables),
                                                         qkv[2]))  # fmt: skip
         g = q.shape[1] // k.shape[1]
@@ -255,7 +258,16 @@ def signatures(case: Case, keep: torch.Tensor, ways) -> dict:
     """(way, dtype) -> the error that way leaves (against the case's own unrounded run), over the compared elements
     (keep: a bool mask shaped like the output)."""
     exact = case.run(frozenset(), None)
-    return {(w, to): (case.run(WAYS[w][1], to) - exact)[keep] for w in ways for to in LOW}
+    Sk = case.allowed.shape[-1]
+    same = {f"running_sum{b}": "sum" for b in BLOCKS if b >= Sk}  # one block: the same tensors rounded
+    if Sk <= BLOCK:
+        same |= {"accumulator": "context", "accumulator_computed": "pv_computed"}
+    out = {}
+    for w in sorted(ways, key=lambda w: w in same):  # the ways that others repeat first
+        for to in LOW:
+            key = (same[w], to) if w in same and same[w] in ways else None
+            out[(w, to)] = out[key] if key else (case.run(WAYS[w][1], to) - exact)[keep]
+    return out
 
 
 def layer_signature(config: dict, w: dict, runs: dict[str, Run], names: list[str]) -> Diagnosis | None:
@@ -270,6 +282,8 @@ def layer_signature(config: dict, w: dict, runs: dict[str, Run], names: list[str
         keep = r.keep[..., None].expand(*r.keep.shape, len(ch))  # (B, S, channels)
         observed.append((r.out[..., ch].double() - r.ref64[..., ch].double())[keep])
         sims.append(signatures(layer_case(config, w, r.x, r.pos, r.mask), keep, WAYS))
+        if len(observed) == 1 and explain(observed, sims) is None:
+            return None  # no rounding explains the shortest scenario: the error is no precision loss
     found = explain(observed, sims) if observed else None
     return None if found is None else Diagnosis(found.stage, found.hint, found.name)
 

@@ -19,6 +19,8 @@ import torch
 from harness.bugs import catalog, pipeline
 from harness.common import heads
 from harness.verify.diagnosis.evidence import EXACT, MAX_SUSPECT_LEN, Diagnosis, maxdiff, rms
+from harness.verify.diagnosis.signature import channels, layer_case
+from harness.verify.scenarios import tagged
 from impl.rope import dims, inv_freq
 
 PRECISION = {"rope_precision", "softmax_precision", "accumulation_precision"}  # named by signature.py only
@@ -189,29 +191,34 @@ def fit(resid: Callable[[float], float], grid: list[float]) -> float:
 
 
 def rope_fit(config, w, runs, failing) -> Diagnosis | None:
-    """With RoPE off passing (all positions 0), the rotary base fitted on each failing scenario: when a base explains
-    each (the output much closer to it than to the reference), the frequencies are off, by a constant or by an
-    amount that changes with the length (dynamic scaling applied where it must not be)."""
-    if "zero_positions" not in runs or "zero_positions" in failing:
+    """With RoPE off passing (all positions 0) and some scenario of positions other than 0..S-1 failing, the rotary
+    base fitted on each failing scenario: when a base explains each (the output much closer to it than to the
+    reference), the frequencies are off, by a constant or by an amount that changes with the length (dynamic
+    scaling applied where it must not be). Fitted on 256 output channels, checked on all."""
+    if "zero_positions" not in runs or "zero_positions" in failing or not set(failing) & tagged("positions"):
         return None
     names = [n for n in failing if runs[n].dtype == torch.float32 and runs[n].x.shape[1] <= MAX_SUSPECT_LEN
              and int(runs[n].pos.max()) > 0]  # fmt: skip
     rp = config["rope_parameters"]
     theta = rp["rope_theta"]
-    w64 = {n: t.double() for n, t in w.items()}
     found = []
     for n in sorted(names, key=lambda n: runs[n].x.shape[:2].numel())[:3]:
         r = runs[n]
-        x = r.x.double()
+        case = layer_case(config, w, r.x, r.pos, r.mask)
+        out = r.out[..., channels(r.out.shape[-1])].double()
+        keep = r.keep
 
-        def sim(t: float, r=r, x=x) -> torch.Tensor:
-            cfg = {**config, "rope_parameters": {**rp, "rope_theta": theta * 2.0**t}}
-            fn = pipeline.layer(tables=lambda c, p, dt: pipeline.tables(cfg, p, dt))
-            return pipeline.float64(fn, x, w64, r.pos, r.mask, config)
+        def cfg(t: float) -> dict:
+            return {**config, "rope_parameters": {**rp, "rope_theta": theta * 2.0**t}}
 
-        t = fit(lambda t, r=r: rms(r.out, sim(t), r.keep), [i / 2 for i in range(-24, 25)])  # x 1/4096 to 4096
-        noise = 0.0 if r.ref64 is None else rms(r.ref, r.ref64, r.keep)
-        if abs(t) < 1e-3 or not rms(r.out, sim(t), r.keep) <= 0.3 * rms(r.out, r.ref, r.keep) + 2 * noise:
+        def resid(t: float, case=case, r=r, out=out) -> float:
+            return rms(out, case.run(frozenset(), None, pipeline.tables(cfg(t), r.pos, torch.float64)), r.keep)
+
+        t = fit(resid, [i / 2 for i in range(-24, 25)])  # the base x 1/4096 to 4096
+        fn = pipeline.layer(tables=lambda c, p, dt, t=t: pipeline.tables(cfg(t), p, dt))
+        noise = 0.0 if r.ref64 is None else rms(r.ref, r.ref64, keep)
+        if abs(t) < 1e-3 or not rms(r.out, pipeline.float64(fn, r.x, w, r.pos, r.mask, config), keep) <= (
+                0.3 * rms(r.out, r.ref, keep) + 2 * noise):  # fmt: skip
             return None
         found.append((int(r.pos.max()) + 1, theta * 2.0**t))
     if not found:
