@@ -18,10 +18,10 @@ STAMP      := $(VENV)/.setup-done
 # linear, dynamic and yarn RoPE scaling
 SYNTH      := $(patsubst %,fixtures/%-synthetic/manifest.json,llama-3.2-1b rope-linear rope-dynamic rope-yarn)
 
-.PHONY: setup upgrade-check lock verify verify-quick verify-grad e2e plot mutants bench bench-quick test test-fast extract synthetic lint graph clean help
+.PHONY: setup upgrade-check lock verify verify-quick verify-grad e2e plot mutants bench bench-quick bench-window test test-fast extract synthetic lint graph clean help
 
 help:
-	@echo "make setup | upgrade-check | lock | verify | verify-quick | verify-grad | e2e [MODEL=...] [IMPLS=...] | plot | mutants | bench [BENCH_ARGS=...] | bench-quick | test | test-fast | extract [SOURCE=...] [LAYER=N] | lint | graph | clean"
+	@echo "make setup | upgrade-check | lock | verify | verify-quick | verify-grad | e2e [MODEL=...] [IMPLS=...] | plot | mutants | bench [BENCH_ARGS=...] | bench-quick | bench-window | test | test-fast | extract [SOURCE=...] [LAYER=N] | lint | graph | clean"
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -87,6 +87,11 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) scripts/bench.py --quick $(BENCH_ARGS)
+
+# docs/bench-window.md: tiled, triton and sdpa with a window of 512 keys against full causal at 4096 and 16384
+bench-window: $(STAMP)
+	$(PY) scripts/bench.py --seq 4096 16384 --impl tiled,triton,sdpa --window 512 --json docs/bench-window.json \
+		--doc docs/bench-window.md $(BENCH_ARGS)
 
 # docs/attention.png: layer 0's attention probabilities for a real prompt, ours vs transformers
 plot: $(STAMP)

@@ -62,17 +62,18 @@ def test_tensor_peak_counts_what_is_alive_at_once():
     assert m.tensor_peak == 0  # inputs and in-place results are not new memory
 
 
-@pytest.mark.parametrize("name, direction", [("naive", "forward"), ("loop", "forward"), ("tiled", "forward"),
-                                             ("hf_eager", "forward"), ("naive", "backward"), ("tiled", "backward"),
-                                             ("hf_eager", "backward")])  # fmt: skip
-def test_meta_prediction_equals_the_real_run(name, direction):
+@pytest.mark.parametrize("name, direction, window", [
+    ("naive", "forward", None), ("loop", "forward", None), ("tiled", "forward", None), ("hf_eager", "forward", None),
+    ("naive", "backward", None), ("tiled", "backward", None), ("hf_eager", "backward", None),
+    ("tiled", "forward", 64), ("tiled", "backward", 64), ("hf_eager", "forward", 64)])  # fmt: skip
+def test_meta_prediction_equals_the_real_run(name, direction, window):
     """What the bench reports for configurations that cannot run is computed on the meta device: it must be
     what the real run counts (for a backward case: its call, and the forward state it needs alive)."""
     cfg = cases.llama_config()
     s = cases.shape_of(cfg)
-    case = cases.make_case(name, s, 300, cfg, direction=direction)
+    case = cases.make_case(name, s, 300, cfg, direction=direction, window=window)
     real, _ = meter.meter_call(case.fn)
-    pred = plan.predict(name, s, 300, cfg, direction)
+    pred = plan.predict(name, s, 300, cfg, direction, window)
     print(f"{name} {direction}: real traffic {real.traffic} peak {real.tensor_peak} held {case.held}; "
           f"meta {pred.traffic} {pred.tensor_peak} {pred.held}")  # fmt: skip
     assert (pred.traffic, pred.tensor_peak, pred.ops) == (real.traffic, real.tensor_peak, real.ops)
@@ -340,10 +341,66 @@ def test_what_each_option_runs():
     assert [j for j in bench_run.jobs(opt, 1024) if j[1] == "backward"] == []
     opt = report.options(report.parser().parse_args(["--backward"]))
     assert "triton" in opt.impls and opt.backward == ("naive", "tiled", "sdpa")
-    assert ("tiled", "backward") in bench_run.jobs(opt, 4096)
+    assert ("tiled", "backward", None) in bench_run.jobs(opt, 4096)
     assert not [j for j in bench_run.jobs(opt, 16384) if j[1] == "backward"]
     opt = report.options(report.parser().parse_args(["--impl", "tiled,hf_eager,loop", "--backward", "--seq", "8192"]))
-    assert opt.backward == ("tiled", "hf_eager") and ("tiled", "backward") in bench_run.jobs(opt, 8192)
+    assert opt.backward == ("tiled", "hf_eager") and ("tiled", "backward", None) in bench_run.jobs(opt, 8192)
+    opt = report.options(report.parser().parse_args(["--impl", "tiled,layer_tiled", "--window", "512"]))
+    assert bench_run.jobs(opt, 1024) == [("tiled", "forward", None), ("layer_tiled", "forward", None),
+                                         ("tiled", "forward", 512)]  # fmt: skip
+
+
+def test_windowed_cases_compute_transformers_windowed_attention():
+    """--window W: the pairs counted as transformers' sliding_window W allows them, the additive mask given to
+    transformers' functions equal to the one masking_utils builds, and every windowed core case (forward and
+    backward) computing transformers' eager attention under that mask (whole tensors)."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from harness.verify import kernel_hf
+
+    for n, w in ((1, 1), (7, 1), (100, 17), (100, 100), (100, 300), (257, 64)):
+        keep = kernel_hf.allowed(1, n, n, True, cases.band(w), None)  # (1, 1, n, n): masking_utils' window
+        assert cases.pairs(n, w) == int(keep.sum()), (n, w)
+        assert torch.equal(cases._bias(n, "cpu", w), kernel_hf.additive(keep, torch.float32)), (n, w)
+    assert cases.pairs(100) == cases.pairs(100, 100) == 5050
+    cfg = cases.llama_config()
+    s = cases.shape_of(cfg)
+    n, w = 200, 48
+    for name in ("naive", "loop", "tiled", "sdpa", "hf_sdpa"):
+        want = cases.make_case("hf_eager", s, n, cfg, seed=5, window=w).fn()  # (B, H, S, d)
+        got = cases.make_case(name, s, n, cfg, seed=5, window=w).fn()
+        err = float((got - want).abs().max())
+        assert err < 1e-4, (name, err)
+    full = cases.make_case("hf_eager", s, n, cfg, seed=5).fn()
+    assert float((full - want).abs().max()) > 1e-2  # the window changes the answer at these sizes
+    bias = cases._bias(n, "cpu", w)
+    for name in ("tiled", "sdpa"):
+        c = cases.make_case(name, s, n, cfg, seed=6, direction="backward", window=w)
+        q, k, v, dout = c.inputs
+        q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out = eager_attention_forward(cases._module(s), q2, k2, v2, bias, scaling=s.d**-0.5)[0].transpose(1, 2)
+        want = torch.autograd.grad(out, (q2, k2, v2), dout)
+        for g, h in zip(c.fn(), want, strict=True):
+            assert float((g - h).abs().max()) < 1e-4, name
+    assert cases.core_flops(s, n, w) == 4 * s.H * s.d * cases.pairs(n, w)
+    with pytest.raises(UserError, match="no windowed case"):
+        cases.make_case("layer_tiled", s, 64, cfg, window=8)
+
+
+def test_window_targets_ask_linear_growth_of_what_skips_outside_the_window():
+    w = 512
+    grow = cases.pairs(16384, w) / cases.pairs(4096, w)
+    rows = [_row("tiled", 4096, window=w, median_s=1.0, traffic_bytes=1e9),
+            _row("tiled", 16384, window=w, median_s=1.0 * grow, traffic_bytes=1e9 * grow),
+            _row("tiled", 4096, median_s=2.0), _row("tiled", 16384, median_s=32.0),
+            _row("sdpa", 4096, window=w, median_s=1.0), _row("sdpa", 16384, window=w, median_s=16.0)]  # fmt: skip
+    goals = report.window_targets(rows)
+    tiled = [t for t in goals if t["target"].startswith("tiled forward with a window of 512: time")]
+    assert [t["met"] for t in tiled] == [True] and "full causal 16.00x" in tiled[0]["value"]
+    assert [t["met"] for t in goals if t["target"].startswith("tiled forward with a window of 512: traffic")] == [True]
+    assert [t["met"] for t in goals if t["target"].startswith("sdpa")] == [None]  # computes every pair: no target
+    rows[1].median_s = 16.0  # quadratic: the window's blocks not skipped
+    assert not [t for t in report.window_targets(rows) if "time" in t["target"] and "tiled" in t["target"]][0]["met"]
 
 
 def test_backward_without_a_backward_case_is_one_line(capsys):

@@ -52,23 +52,31 @@ def shape_of(cfg: dict) -> Shape:
     return Shape(cfg["num_attention_heads"], cfg["num_key_value_heads"], d, cfg["hidden_size"])
 
 
-def core_flops(s: Shape, n: int) -> float:
-    """Useful FLOPs of causal attention: q k^T and p v (2 d each) over the n (n + 1) / 2 allowed pairs per head.
-    The same count for every implementation, so GFLOP/s compares time (naive computes the masked half too)."""
-    return 4.0 * s.B * s.H * s.d * n * (n + 1) / 2
+def pairs(n: int, window: int | None = None) -> int:
+    """(query, key) pairs causal attention allows: n (n + 1) / 2, or with a window of W keys (transformers'
+    sliding_window W, the kernel's (W - 1, 0)) min(i + 1, W) for query i: W (W + 1) / 2 + (n - W) W past W."""
+    if window is None or window >= n:
+        return n * (n + 1) // 2
+    return window * (window + 1) // 2 + (n - window) * window
 
 
-def backward_flops(s: Shape, n: int) -> float:
+def core_flops(s: Shape, n: int, window: int | None = None) -> float:
+    """Useful FLOPs of causal attention: q k^T and p v (2 d each) over the allowed pairs per head. The same count
+    for every implementation, so GFLOP/s compares time (naive computes the masked half too)."""
+    return 4.0 * s.B * s.H * s.d * pairs(n, window)
+
+
+def backward_flops(s: Shape, n: int, window: int | None = None) -> float:
     """Useful FLOPs of the causal backward: dV = P^T dO, dP = dO V^T, dS K and dS^T Q (2 d each) over the allowed
     pairs, twice the forward's. FlashAttention's recomputation of S (a fifth product) gets no credit, as naive's
     masked half gets none."""
-    return 2 * core_flops(s, n)
+    return 2 * core_flops(s, n, window)
 
 
-def flops_of(name: str, s: Shape, n: int, direction: str = "forward") -> float:
+def flops_of(name: str, s: Shape, n: int, direction: str = "forward", window: int | None = None) -> float:
     if direction == "backward":
-        return backward_flops(s, n)
-    return core_flops(s, n) if name in CORE else layer_flops(s, n)
+        return backward_flops(s, n, window)
+    return core_flops(s, n, window) if name in CORE else layer_flops(s, n)
 
 
 def layer_flops(s: Shape, n: int) -> float:
@@ -89,10 +97,16 @@ def io_model(s: Shape, n: int, *, sram: int = H100_SMEM, elsize: int = 4) -> tup
     return float(naive * s.H * s.B * elsize), float(flash * s.H * s.B * elsize)
 
 
-def triton_traffic(s: Shape, n: int) -> dict:
-    """The Triton kernel's global loads and stores at seq n (float32, causal, its default blocks), in closed form:
-    triton_traffic.traffic_model, exact against kernel_traffic's count of the interpreted kernel."""
-    return traffic_model(s.B, s.H, s.Hkv, n, n, s.d, dtype=torch.float32, causal=True)
+def triton_traffic(s: Shape, n: int, window: int | None = None) -> dict:
+    """The Triton kernel's global loads and stores at seq n (float32, causal, its default blocks; a window of W
+    keys), in closed form: triton_traffic.traffic_model, exact against kernel_traffic's count of the interpreted
+    kernel."""
+    return traffic_model(s.B, s.H, s.Hkv, n, n, s.d, dtype=torch.float32, causal=True, window=band(window))
+
+
+def band(window: int | None) -> tuple[int, int] | None:
+    """A window of W keys (transformers' sliding_window W) as the core contract's window=(left, right)."""
+    return None if window is None else (window - 1, 0)
 
 
 def triton_alloc(s: Shape, n: int) -> int:
@@ -122,8 +136,9 @@ def _module(s: Shape):
 
 
 def make_case(name: str, s: Shape, n: int, cfg: dict, device="cpu", seed: int = 0,
-              direction: str = "forward") -> Case:
-    """Inputs for `name` at seq n, made here (outside the timing), and the call on them."""
+              direction: str = "forward", window: int | None = None) -> Case:
+    """Inputs for `name` at seq n, made here (outside the timing), and the call on them; window: each query sees
+    its last `window` keys (a core case only)."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, std=1.0):
@@ -132,13 +147,15 @@ def make_case(name: str, s: Shape, n: int, cfg: dict, device="cpu", seed: int = 
         return (torch.randn(*shape, generator=g) * std).to(device)
 
     if name in LAYER:
+        if window is not None:
+            raise UserError(f"{name}: no windowed case; windowed rows are for {', '.join(CORE)}")
         if direction != "forward":
             raise UserError(f"{name}: no backward case; backward rows are for {', '.join(BACKWARD)}")
         return _layer_case(name, s, n, cfg, device, rand)
     q, k, v = rand(s.B, s.H, n, s.d), rand(s.B, s.Hkv, n, s.d), rand(s.B, s.Hkv, n, s.d)
-    attn = _core_call(name, s, n, device)  # (q, k, v) -> out (B, H, n, d)
+    attn = _core_call(name, s, n, device, window)  # (q, k, v) -> out (B, H, n, d)
     if direction == "forward":
-        return Case(name, lambda: attn(q, k, v), core_flops(s, n))
+        return Case(name, lambda: attn(q, k, v), core_flops(s, n, window))
     if name not in BACKWARD:
         raise UserError(f"{name}: no backward case; backward rows are for {', '.join(BACKWARD)}")
     # The backward alone: the forward runs here, recording its graph (and, under the meter, the bytes it keeps
@@ -148,8 +165,8 @@ def make_case(name: str, s: Shape, n: int, cfg: dict, device="cpu", seed: int = 
         t.requires_grad_()
     with torch.enable_grad(), Meter() as m:
         out = attn(q, k, v)
-    return Case(name, lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), backward_flops(s, n),
-                direction, held=m.live, inputs=(q, k, v, dout))  # fmt: skip
+    return Case(name, lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
+                backward_flops(s, n, window), direction, held=m.live, inputs=(q, k, v, dout))  # fmt: skip
 
 
 def _layer_case(name: str, s: Shape, n: int, cfg: dict, device, rand) -> Case:
@@ -179,21 +196,28 @@ def _layer_case(name: str, s: Shape, n: int, cfg: dict, device, rand) -> Case:
     return Case(name, hf_layer, layer_flops(s, n))
 
 
-def _core_call(name: str, s: Shape, n: int, device) -> Callable:
+def _core_call(name: str, s: Shape, n: int, device, window: int | None = None) -> Callable:
     """(q, k, v) -> out (B, H, n, d) for a core case (transformers' (B, n, H, d) outputs as a transposed view)."""
     if name in CORES:
         core = CORES[name]
-        return lambda q, k, v: context_of(core(q, k, v))
+        kw = {} if window is None else {"window": band(window)}
+        return lambda q, k, v: context_of(core(q, k, v, **kw))
     if name == "hf_eager":
         from transformers.models.llama.modeling_llama import eager_attention_forward  # lazy: slow to import
 
-        # eager is not causal by itself: the additive mask transformers builds for it, an input here
-        bias = torch.full((n, n), torch.finfo(torch.float32).min, device=device).triu_(1)[None, None]
-        m = _module(s)
+        m, bias = _module(s), _bias(n, device, window)
         return lambda q, k, v: eager_attention_forward(m, q, k, v, bias, scaling=s.d**-0.5)[0].transpose(1, 2)
     if name == "hf_sdpa":
         from transformers.integrations.sdpa_attention import sdpa_attention_forward  # lazy: slow to import
 
-        m = _module(s)
-        return lambda q, k, v: sdpa_attention_forward(m, q, k, v, None, scaling=s.d**-0.5)[0].transpose(1, 2)
+        m, bias = _module(s), None if window is None else _bias(n, device, window)  # None: is_causal
+        return lambda q, k, v: sdpa_attention_forward(m, q, k, v, bias, scaling=s.d**-0.5)[0].transpose(1, 2)
     raise UserError(f"unknown implementation {name!r}: choose from {', '.join(CORE + LAYER)}")
+
+
+def _bias(n: int, device, window: int | None) -> torch.Tensor:
+    """The additive mask transformers builds for its attention functions (they are not causal by themselves): 0
+    where query i may see key j (j <= i, and i - j < window), the float32 minimum elsewhere. An input here."""
+    i = torch.arange(n, device=device)
+    hidden = (i[None, :] > i[:, None]) | (i[:, None] - i[None, :] >= (n if window is None else window))  # (n, n)
+    return torch.zeros(n, n, device=device).masked_fill_(hidden, torch.finfo(torch.float32).min)[None, None]

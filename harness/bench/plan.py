@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.bench.cases import INTERPRETED, Shape, make_case, triton_alloc, triton_traffic
+from harness.bench.cases import INTERPRETED, Shape, make_case, pairs, triton_alloc, triton_traffic
 from harness.bench.meter import CPU, human, meminfo, meter_call
 
 # Not planned on the meta device: sdpa is one fused kernel on CPU but decomposes on meta (an S x S prediction
@@ -35,17 +35,18 @@ class Computed:
     kernel_calls: int = 0  # Triton: global load/store instructions, what the interpreter's time follows
 
 
-def predict(name: str, s: Shape, n: int, cfg: dict, direction: str = "forward") -> Computed | None:
+def predict(name: str, s: Shape, n: int, cfg: dict, direction: str = "forward", window: int | None = None
+            ) -> Computed | None:
     """Shapes only, no data and no memory: the meta-device run under the meter (tensor peak, traffic, the
     forward's state for a backward case), or the Triton kernel's closed form."""
     if name in INTERPRETED:
-        t = triton_traffic(s, n)
+        t = triton_traffic(s, n, window)
         return Computed(triton_alloc(s, n), t["load_bytes"] + t["store_bytes"], None,
                         "computed: the kernel's outputs (out, lse), its only allocations", TRAFFIC_CLOSED_FORM,
                         kernel_calls=t["load_calls"] + t["store_calls"])  # fmt: skip
     if name in NO_PREDICT:
         return None
-    case = make_case(name, s, n, cfg, device="meta", direction=direction)
+    case = make_case(name, s, n, cfg, device="meta", direction=direction, window=window)
     m, out = meter_call(case.fn)
     del out
     return Computed(m.tensor_peak, m.traffic, m.ops, "computed: tensor bytes of a meta-device run",
@@ -60,12 +61,14 @@ def free_memory(device: torch.device) -> int:
 
 def plan(name: str, s: Shape, n: int, cfg: dict, last: tuple[int, float] | None, *, calls: int, max_s: float,
          mem_fraction: float, direction: str = "forward", device: torch.device = CPU,
-         interpreted: bool = False, max_interpreted_s: float = 0.0) -> tuple[str, Computed | None]:
+         interpreted: bool = False, max_interpreted_s: float = 0.0, window: int | None = None
+         ) -> tuple[str, Computed | None]:
     """(why it cannot run here or "", the computed costs when there are). Memory: the computed tensor peak (plus
     a backward's forward state) against the free memory; time: the last measured (seq, seconds) of this
     implementation and direction scaled as O(n^2) for `calls` calls, or, interpreted, scaled by the kernel's
-    load/store count for one call, against the smaller of max_s and max_interpreted_s."""
-    pred = predict(name, s, n, cfg, direction)
+    load/store count for one call, against the smaller of max_s and max_interpreted_s. A windowed
+    configuration (window: keys each query sees) is scaled by its (query, key) pairs instead of n^2."""
+    pred = predict(name, s, n, cfg, direction, window)
     free = free_memory(device)
     if pred is not None and pred.tensor_peak + pred.held > mem_fraction * free:
         need = f"{human(pred.tensor_peak + pred.held)} of tensors (computed"
@@ -75,13 +78,13 @@ def plan(name: str, s: Shape, n: int, cfg: dict, last: tuple[int, float] | None,
         return "", pred
     n0, t0 = last
     if interpreted:
-        projected = t0 * pred.kernel_calls / predict(name, s, n0, cfg).kernel_calls
+        projected = t0 * pred.kernel_calls / predict(name, s, n0, cfg, window=window).kernel_calls
         limit = min(max_s, max_interpreted_s)
         if projected > limit:
             return (f"interpreted (no GPU): projected {projected:.0f} s for one call > {limit:g} s "
                     "(--max-interpreted-s, --max-config-s)"), pred  # fmt: skip
         return "", pred
-    projected = t0 * (n / n0) ** 2 * calls
+    projected = t0 * pairs(n, window) / pairs(n0, window) * calls
     if projected > max_s:
         return f"projected {projected:.0f} s for {calls} calls > --max-config-s {max_s:g}", pred
     return "", pred

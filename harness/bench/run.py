@@ -46,6 +46,7 @@ class Row:
     seq: int
     ran: bool
     direction: str = "forward"  # "forward", or "backward": the gradient call alone
+    window: int | None = None  # each query sees its last `window` keys (transformers' sliding_window); None: all
     median_s: float | None = None
     peak_bytes: int | None = None
     traffic_bytes: int | None = None
@@ -62,6 +63,11 @@ class Row:
     aten_ops: int | None = None
     reason: str = ""
     extra: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The implementation, and its window when it has one: 'tiled w512'."""
+        return self.impl if self.window is None else f"{self.impl} w{self.window}"
 
     def json(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "extra"}
@@ -110,11 +116,12 @@ def measure_interpreted(case: Case) -> tuple[float, Meter, object]:
     return seconds, counts, traffic
 
 
-def _warm(name: str, direction: str, s, n: int, cfg: dict, device: torch.device) -> tuple[int, float]:
+def _warm(name: str, direction: str, s, n: int, cfg: dict, device: torch.device, window: int | None = None
+          ) -> tuple[int, float]:  # fmt: skip
     """The first call of a code path (imports, kernel compilation or rewriting, the meter), at a small seq:
     (seq, seconds), the base from which an interpreted call is projected."""
     w = min(WARM_SEQ, n)
-    case = make_case(name, s, w, cfg, device=device, direction=direction)
+    case = make_case(name, s, w, cfg, device=device, direction=direction, window=window)
     t0 = time.perf_counter()
     meter_call(case.fn)
     return w, time.perf_counter() - t0
@@ -136,12 +143,18 @@ class Options:
     backward_any_seq: bool = False  # backward rows above BACKWARD_MAX_SEQ too (when --seq names the seqs)
     device: torch.device = CPU
     max_interpreted_s: float = MAX_INTERPRETED_S
+    window: int | None = None  # also the core rows with this window (keys each query sees), beside full causal
 
 
-def jobs(opt: Options, n: int) -> list[tuple[str, str]]:
-    """(implementation, direction) at seq n, in the order they run: the forward rows, then the backward rows."""
-    fwd = [(name, "forward") for name in opt.impls if name not in LAYER or n <= LAYER_MAX_SEQ or opt.layer_any_seq]
-    bwd = [(name, "backward") for name in opt.backward] if n <= BACKWARD_MAX_SEQ or opt.backward_any_seq else []
+def jobs(opt: Options, n: int) -> list[tuple[str, str, int | None]]:
+    """(implementation, direction, window) at seq n, in the order they run: the forward rows (full causal, then
+    windowed), then the backward rows (the same)."""
+    fwd = [(name, "forward", None) for name in opt.impls
+           if name not in LAYER or n <= LAYER_MAX_SEQ or opt.layer_any_seq]  # fmt: skip
+    bwd = [(name, "backward", None) for name in opt.backward] if n <= BACKWARD_MAX_SEQ or opt.backward_any_seq else []
+    if opt.window is not None:
+        fwd += [(name, "forward", opt.window) for name, _, _ in fwd if name in CORE]
+        bwd += [(name, "backward", opt.window) for name, _, _ in bwd]
     return fwd + bwd
 
 
@@ -169,7 +182,9 @@ def _run(opt: Options, dev: torch.device, log) -> tuple[list[Row], dict]:
     )
     clock = "CUDA events" if dev.type == "cuda" else "wall clock"
     log(
-        f"shapes: B={s.B} H={s.H} Hkv={s.Hkv} d={s.d} D={s.D}, causal, float32; time: median of >= {opt.runs} "
+        f"shapes: B={s.B} H={s.H} Hkv={s.Hkv} d={s.d} D={s.D}, causal"
+        f"{'' if opt.window is None else f' (and a window of {opt.window} keys: rows named w{opt.window})'}"
+        f", float32; time: median of >= {opt.runs} "
         f"calls (more until {MIN_TIMED_S:g} s) after a warm-up call, {clock}; bwd: the gradient call alone"
     )
     peak_how = ("torch.cuda.max_memory_allocated during the call" if dev.type == "cuda"
@@ -180,31 +195,33 @@ def _run(opt: Options, dev: torch.device, log) -> tuple[list[Row], dict]:
         f"{'peak':>10s} {'traffic':>10s}  status")
 
     rows: list[Row] = []
-    last: dict[tuple[str, str], tuple[int, float]] = {}  # (impl, direction) -> (seq, seconds) of its largest run
-    warmed: set[tuple[str, str]] = set()
+    last: dict[tuple, tuple[int, float]] = {}  # (impl, direction, window) -> (seq, seconds) of its largest run
+    warmed: set[tuple] = set()
     for n in sorted(opt.seqs):
-        for name, direction in jobs(opt, n):
-            key = (name, direction)
+        for name, direction, window in jobs(opt, n):
+            key = (name, direction, window)
             interpreted = name in INTERPRETED and dev.type != "cuda"
             if interpreted and key not in warmed:  # an interpreted call is projected from a measured one
-                last[key] = _warm(name, direction, s, n, cfg, dev)
+                last[key] = _warm(name, direction, s, n, cfg, dev, window)
                 warmed.add(key)
-            row = Row(name, n, ran=False, direction=direction, flops=flops_of(name, s, n, direction))
+            row = Row(name, n, ran=False, direction=direction, window=window,
+                      flops=flops_of(name, s, n, direction, window))  # fmt: skip
             row.reason, pred = plan(name, s, n, cfg, last.get(key), calls=opt.runs + 1, max_s=opt.max_config_s,
                                     mem_fraction=opt.mem_fraction, direction=direction, device=dev,
-                                    interpreted=interpreted, max_interpreted_s=opt.max_interpreted_s)  # fmt: skip
+                                    interpreted=interpreted, max_interpreted_s=opt.max_interpreted_s,
+                                    window=window)  # fmt: skip
             if name in INTERPRETED:
                 row.extra["traffic_model_bytes"] = pred.traffic
             if row.reason:
                 _computed(row, pred)
                 rows.append(row)
-                log(f"{name:12s} {DIR[direction]:3s} {n:6d} {'-':>9s} {'':>17s} {'':>8s} {'':>5s} "
+                log(f"{row.label:12s} {DIR[direction]:3s} {n:6d} {'-':>9s} {'':>17s} {'':>8s} {'':>5s} "
                     f"{human(row.peak_bytes):>10s} {human(row.traffic_bytes):>10s}  not run: {row.reason}")
                 continue
             if key not in warmed:  # first call of this code path (and of the meter): lazy initialisation
-                _warm(name, direction, s, n, cfg, dev)
+                _warm(name, direction, s, n, cfg, dev, window)
                 warmed.add(key)
-            case = make_case(name, s, n, cfg, device=dev, seed=n, direction=direction)
+            case = make_case(name, s, n, cfg, device=dev, seed=n, direction=direction, window=window)
             if interpreted:
                 _interpreted(row, case, pred)
             else:
@@ -219,12 +236,13 @@ def _run(opt: Options, dev: torch.device, log) -> tuple[list[Row], dict]:
             rows.append(row)
             if interpreted:
                 agree = "== closed form" if row.traffic_bytes == pred.traffic else "!= closed form: CHECK"
-                log(f"{name:12s} {DIR[direction]:3s} {n:6d} {row.median_s:8.1f}s {'(1 call)':>17s} {'':>8s} "
+                log(f"{row.label:12s} {DIR[direction]:3s} {n:6d} {row.median_s:8.1f}s {'(1 call)':>17s} {'':>8s} "
                     f"{'':>5s} {human(row.peak_bytes):>10s} {human(row.traffic_bytes):>10s}  ran, {TIME_INTERPRETED}"
                     f"; traffic counted ({agree})")  # fmt: skip
             else:
-                log(f"{name:12s} {DIR[direction]:3s} {n:6d} {row.median_s:8.3f}s {row.min_s:7.3f}..{row.max_s:7.3f}s "
-                    f"{row.gflops:8.1f} {100 * row.frac_matmul:4.0f}% {human(row.peak_bytes):>10s} "
+                log(f"{row.label:12s} {DIR[direction]:3s} {n:6d} {row.median_s:8.3f}s "
+                    f"{row.min_s:7.3f}..{row.max_s:7.3f}s {row.gflops:8.1f} {100 * row.frac_matmul:4.0f}% "
+                    f"{human(row.peak_bytes):>10s} "
                     f"{human(row.traffic_bytes):>10s}  ran")  # fmt: skip
     for r in rows:
         r.extra.update(dtype="float32", B=s.B, H=s.H, Hkv=s.Hkv, d=s.d, causal=True, device=str(dev))

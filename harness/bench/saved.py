@@ -38,6 +38,9 @@ def _check_row(d, where: str) -> None:
         bad("seq", "a sequence length")
     if not isinstance(d.get("ran"), bool):
         bad("ran", "true or false")
+    w = d.get("window")
+    if w is not None and not (isinstance(w, int) and not isinstance(w, bool) and w >= 1):
+        bad("window", "null or a number of keys")
     if d.get("direction", "forward") not in DIR:
         bad("direction", " or ".join(DIR))
     for k in NUMBERS:
