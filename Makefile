@@ -18,10 +18,10 @@ STAMP      := $(VENV)/.setup-done
 # linear, dynamic and yarn RoPE scaling
 SYNTH      := $(patsubst %,fixtures/%-synthetic/manifest.json,llama-3.2-1b rope-linear rope-dynamic rope-yarn)
 
-.PHONY: setup upgrade-check lock verify verify-quick verify-grad e2e plot mutants bench bench-quick bench-window test test-fast extract synthetic lint graph clean help
+.PHONY: setup upgrade-check lock verify verify-quick verify-grad e2e plot mutants bench bench-quick bench-window test test-fast test-gate extract synthetic lint graph clean help
 
 help:
-	@echo "make setup | upgrade-check | lock | verify | verify-quick | verify-grad | e2e [MODEL=...] [IMPLS=...] | plot | mutants | bench [BENCH_ARGS=...] | bench-quick | bench-window | test | test-fast | extract [SOURCE=...] [LAYER=N] | lint | graph | clean"
+	@echo "make setup | upgrade-check | lock | verify | verify-quick | verify-grad | e2e [MODEL=...] [IMPLS=...] | plot | mutants | bench [BENCH_ARGS=...] | bench-quick | bench-window | test | test-fast | test-gate | extract [SOURCE=...] [LAYER=N] | lint | graph | clean"
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -99,10 +99,14 @@ plot: $(STAMP)
 
 # pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
 test: $(STAMP) $(SYNTH)
-	@$(PY) -m pytest -q $(PYTEST_ARGS) || { rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests (exit 5)"; exit $$rc; }
+	@$(PY) -m pytest -q -m "not gate" $(PYTEST_ARGS) || { rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests (exit 5)"; exit $$rc; }
 
 test-fast: $(STAMP) $(SYNTH)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not gate" $(PYTEST_ARGS)
+
+# The heaviest tests (the isolation attacks, the wheel built and installed): a CI gate, after make test
+test-gate: $(STAMP) $(SYNTH)
+	$(PY) -m pytest -q -m gate $(PYTEST_ARGS)
 
 extract: $(STAMP)
 	$(PY) scripts/extract.py --source $(SOURCE) --layer $(LAYER) $(ARGS)

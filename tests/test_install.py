@@ -175,7 +175,7 @@ def _user(bin_dir: Path, cwd: Path, *args, **env) -> subprocess.CompletedProcess
                           timeout=900)  # fmt: skip
 
 
-@pytest.mark.slow
+@pytest.mark.gate  # builds and installs the wheel: the CI gate (make test-gate)
 def test_wheel_carries_code_committed_fixtures_and_configs(wheel, source):
     names = set(zipfile.ZipFile(wheel).namelist())
     tracked = _git_files()
@@ -190,7 +190,7 @@ def test_wheel_carries_code_committed_fixtures_and_configs(wheel, source):
     assert not any("-synthetic" in n or "/tests/" in n or n.startswith("tests/") for n in names)
 
 
-@pytest.mark.slow
+@pytest.mark.gate  # builds and installs the wheel: the CI gate (make test-gate)
 def test_sdist_builds_the_same_wheel(wheel, source, tmp_path):
     """The sdist carries what the wheel needs: a wheel built from it has the same files."""
     build = [sys.executable, "-c", "import sys; from setuptools import build_meta as b; b.build_sdist(sys.argv[1])",
@@ -203,7 +203,7 @@ def test_sdist_builds_the_same_wheel(wheel, source, tmp_path):
     assert set(zipfile.ZipFile(again).namelist()) == set(zipfile.ZipFile(wheel).namelist())
 
 
-@pytest.mark.slow
+@pytest.mark.gate  # builds and installs the wheel: the CI gate (make test-gate)
 def test_installed_script_verifies_a_layer_in_an_empty_directory(env_bin, tmp_path):
     pytest.importorskip("platformdirs", reason="a dependency (pyproject.toml) the installed copy takes from this "
                         "environment: `make setup` installs it")  # fmt: skip
@@ -229,7 +229,7 @@ def test_installed_script_verifies_a_layer_in_an_empty_directory(env_bin, tmp_pa
     assert not (cwd / "fixtures").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.gate  # builds and installs the wheel: the CI gate (make test-gate)
 def test_installed_script_makes_a_synthetic_fixture_on_first_use(env_bin, tmp_path):
     cwd, cache = tmp_path / "work", tmp_path / "fixture-cache"
     cwd.mkdir()

@@ -67,7 +67,7 @@ def test_workers_get_namespaces_here():
     assert isolation.mechanism() == isolation.MECHANISM
 
 
-@pytest.mark.slow
+@pytest.mark.gate  # spawns and attacks many workers: the CI gate (make test-gate)
 def test_the_attacks_are_real_without_namespaces(tmp_path):
     """Without namespaces, the memory attack bends rows of a wrong implementation into passes and the sibling
     attack kills the innocent's worker: what the tests below show cannot happen in namespaces."""
@@ -84,7 +84,7 @@ def test_the_attacks_are_real_without_namespaces(tmp_path):
     assert verdicts(doc)[INNOCENT]["stage"] == "crash", verdicts(doc)[INNOCENT]
 
 
-@pytest.mark.slow
+@pytest.mark.gate  # spawns and attacks many workers: the CI gate (make test-gate)
 def test_attacks_in_namespaces_change_no_verdict(tmp_path):
     """The memory rewrite, the sibling kill and every signal to the judge, in one run: the innocent's rows are
     exactly its rows alone, the wrong implementation fails every row, the run completes with its JSON."""
@@ -106,7 +106,7 @@ def test_attacks_in_namespaces_change_no_verdict(tmp_path):
         assert v[f"{ATTACKS}:{name}"]["passed"] is True, v[f"{ATTACKS}:{name}"]
 
 
-@pytest.mark.slow
+@pytest.mark.gate  # spawns and attacks many workers: the CI gate (make test-gate)
 def test_nothing_outlives_its_verdict(tmp_path):
     """A module whose build() leaves a setsid, double-forked process behind, and a worker that clears its
     parent-death signal and hangs past --timeout: after the run, no process of either is left."""
@@ -121,7 +121,7 @@ def test_nothing_outlives_its_verdict(tmp_path):
     assert not processes_with(f"{ATTACKS}:"), processes_with(f"{ATTACKS}:")
 
 
-@pytest.mark.slow
+@pytest.mark.gate  # spawns and attacks many workers: the CI gate (make test-gate)
 def test_a_huge_reply_is_refused_unread(tmp_path):
     """1.6 GB of the wrong shape: `contract` after reading its 16-byte prefix; the judge's peak memory grows by
     no more than a run of a correct implementation makes it grow."""
@@ -134,7 +134,7 @@ def test_a_huge_reply_is_refused_unread(tmp_path):
     assert v["stage"] == "contract" and "1600000" in v["hint"] and "nothing more was read" in v["hint"], v
 
 
-@pytest.mark.slow
+@pytest.mark.gate  # spawns and attacks many workers: the CI gate (make test-gate)
 def test_the_judge_believes_only_what_it_checks(tmp_path):
     """Replies that lie about their tensors, a 1-tuple, a quantized tensor: `contract`; code that reads stdin
     reads nothing and passes; a forged error at import and an import that raises are verdicts for those
@@ -175,7 +175,7 @@ def test_malformed_specs_are_exit_2_before_any_work(spec, needle):
     assert needle in one_line_error(p)
 
 
-@pytest.mark.slow
+@pytest.mark.gate  # spawns and attacks many workers: the CI gate (make test-gate)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_a_signal_from_outside_ends_the_run_like_ctrl_c(tmp_path, sig):
     """What a CI cancel sends, while a worker is busy: one line, the workers ended, the JSON holds what was
@@ -199,7 +199,7 @@ def test_a_signal_from_outside_ends_the_run_like_ctrl_c(tmp_path, sig):
     assert not processes_with(f"{ATTACKS}:hangs"), processes_with(f"{ATTACKS}:hangs")
 
 
-@pytest.mark.slow
+@pytest.mark.gate  # spawns and attacks many workers: the CI gate (make test-gate)
 def test_a_killed_judge_leaves_no_worker(tmp_path):
     """SIGKILL to the judge (nothing of it runs after): its busy worker and that worker's namespace end with it."""
     log = tmp_path / "attacks.log"
