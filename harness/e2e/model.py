@@ -31,6 +31,8 @@ from harness.common import UserError
 
 DEFAULT_MODEL = "smollm2-135m"
 
+E2E_FAMILIES = ("llama", "mistral")  # the models e2e swaps attention into (other families: issue 26, later)
+
 
 @dataclass
 class Model:
@@ -71,7 +73,7 @@ def load_model(spec: str = DEFAULT_MODEL, log=print) -> Model:
             )
         name, source = path.name.lower(), str(path)
     lm, tok = _from_pretrained(path, spec)
-    config = normalize_config(lm.config.to_dict(), f"{spec}: config.json")
+    config = normalize_config(lm.config.to_dict(), f"{spec}: config.json", E2E_FAMILIES)
     return Model(name, lm, tok, config, source, time.perf_counter() - t0)
 
 
@@ -79,7 +81,7 @@ def _from_pretrained(path: Path, spec: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: transformers is slow to import
 
     cfg = json.loads((Path(path) / "config.json").read_text())
-    normalize_config(cfg, f"{spec}: config.json")  # a non-Llama model is refused before its weights are read
+    normalize_config(cfg, f"{spec}: config.json", E2E_FAMILIES)  # another family: refused before its weights are read
     try:
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
         tok = AutoTokenizer.from_pretrained(path)
@@ -151,7 +153,8 @@ def _hub_snapshot(spec: str) -> Path:
         return Path(path) if path else None
 
     config = fetch("config.json")
-    normalize_config(json.loads(config.read_text()), f"hf:{repo}: config.json")  # refuse non-Llama before weights
+    # another family is refused before its weights are read
+    normalize_config(json.loads(config.read_text()), f"hf:{repo}: config.json", E2E_FAMILIES)
     index = fetch("model.safetensors.index.json", optional=True)
     if index is not None:
         for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):

@@ -2,8 +2,8 @@
 
     the loss        sum(out * g), g a fixed seeded tensor of the output's shape, zero on padding rows (their
                     outputs are never used, so nothing may flow back from them)
-    layers/modules  gradients w.r.t. x and the four weights, vs transformers' LlamaAttention (eager, in the
-                    scenario's dtype) and its sdpa path in float64 (float64 RoPE tables)
+    layers/modules  gradients w.r.t. x and the four weights, vs the family's transformers attention module
+                    (reference/: eager, in the scenario's dtype; float64 with float64 RoPE tables)
     kernels         gradients w.r.t. q, k and v (and the sinks, when given), vs transformers' functions of the kernel
                     matrix (kernel_hf.py: llama's, gemma2's, gpt_oss's eager functions; sdpa's) in the dtype and in
                     float64
@@ -24,9 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
-from harness.reference import additive_mask, float64_tables, hf_config
+from harness.reference import Reference, Reference64
 from harness.verify import kernel_hf
 from harness.verify.compare import Comparison, compare
 
@@ -55,22 +54,23 @@ def seeded_g(shape, keep: torch.Tensor | None, dtype) -> torch.Tensor:
 
 def hf_layer_grads(config: dict, weights: dict, x, pos, mask, g, dtype, float64: bool = False,
                    path: str = "eager") -> dict:  # fmt: skip
-    """{"x", "q_proj", ...}: transformers' LlamaAttention (eager or sdpa in dtype; sdpa with float64 tables in
-    float64)."""
+    """{"x", "q_proj", ...}: the family's transformers attention module (Reference: eager or sdpa in dtype;
+    Reference64 in float64), its parameters' gradients under the contract's names (Phi-3's qkv_proj split back)."""
     dt = torch.float64 if float64 else dtype
-    cfg = hf_config(config, "sdpa" if float64 else path)
-    with torch.device("meta"):
-        attn = LlamaAttention(cfg, 0).to(dt)
-    state = {f"{n}.weight": torch.nn.Parameter(weights[n].to(dt, copy=True)) for n in WEIGHTS}
-    attn.load_state_dict(state, assign=True)
+    ref = Reference64(config, weights) if float64 else Reference(config, weights, dtype=dt, attn_implementation=path)
+    params = dict(ref.attn.named_parameters())
+    for p in params.values():
+        p.requires_grad_(True)
     xx = x.to(dt).detach().requires_grad_(True)
-    B, S, _ = x.shape
     with torch.enable_grad():
-        pe = float64_tables(config, pos) if float64 else LlamaRotaryEmbedding(cfg)(xx, pos)
-        out, _ = attn(xx, position_embeddings=pe, attention_mask=additive_mask(S, S, mask, B, dt))
-        params = [getattr(attn, n).weight for n in WEIGHTS]
-        grads = torch.autograd.grad((out * g.to(dt)).sum(), [xx, *params])
-    return dict(zip(("x", *WEIGHTS), grads, strict=True))
+        out = ref.forward(xx, pos, mask)
+        grads = torch.autograd.grad((out * g.to(dt)).sum(), [xx, *params.values()], allow_unused=True)
+    got = dict(zip(params, grads[1:], strict=True))
+    if "qkv_proj.weight" in got:  # Phi-3: rows q, then k, then v
+        sizes = [weights[n].shape[0] for n in ("q_proj", "k_proj", "v_proj")]
+        got |= dict(zip(("q_proj.weight", "k_proj.weight", "v_proj.weight"), got["qkv_proj.weight"].split(sizes),
+                        strict=True))  # fmt: skip
+    return {"x": grads[0]} | {n: got[f"{n}.weight"] for n in WEIGHTS}
 
 
 def hf_kernel_grads(q, k, v, mask4, g, scale, dtype, float64: bool = False, path: str = "eager",
