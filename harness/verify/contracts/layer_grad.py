@@ -1,5 +1,5 @@
 """The gradients of a layer or module (`--grad`), run after its forward passes: gradients of sum(out * g) w.r.t. x
-and the four weights, against transformers' LlamaAttention through autograd (verify/grads.py: the references and
+and the four weights, against the family's transformers attention module through autograd (verify/grads.py: the references and
 the rule), diagnosed by diagnosis/grad.py."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 
 from harness.checkpoints.format import Fixture
 from harness.checkpoints.sources.base import interleaved_to_half_split
+from harness.reference import has_sdpa_path
 from harness.verify import grads
 from harness.verify import serve as serve_fns
 from harness.verify.compare import not_run as no_output
@@ -49,9 +50,11 @@ def reference(f: Fixture, s, ctx, device="cpu"):
     key = (f.key, s.name, "grad")
     if key not in ctx.cache:  # transformers through autograd, once per fixture contents and scenario
         w = weights_in(f, s.dtype)
-        ctx.cache[key] = (grads.hf_layer_grads(f.config, w, r.x, r.pos, r.mask, g, s.dtype),
-                          grads.hf_layer_grads(f.config, f.weights, r.x, r.pos, r.mask, g, s.dtype, float64=True),
-                          grads.hf_layer_grads(f.config, w, r.x, r.pos, r.mask, g, s.dtype, path="sdpa"))
+        c = f.layer_config
+        ctx.cache[key] = (grads.hf_layer_grads(c, w, r.x, r.pos, r.mask, g, s.dtype),
+                          grads.hf_layer_grads(c, f.weights, r.x, r.pos, r.mask, g, s.dtype, float64=True),
+                          grads.hf_layer_grads(c, w, r.x, r.pos, r.mask, g, s.dtype, path="sdpa")
+                          if has_sdpa_path(c) else None)  # fmt: skip
     return (r, g, *ctx.cache[key])
 
 
@@ -118,9 +121,9 @@ def diagnose(f: Fixture, runs: dict, failed: dict, passing: list, impl, ctx):
     def suspect(bug, run: grads.GradRun):
         x, pos, mask, g = run.inputs
         w = {k: v.double() for k, v in f.weights.items()}
-        out = layer_gradients(bug.layer(), "layer", f.config, w, x.double(), pos, mask, g.double())
+        out = layer_gradients(bug.layer(), "layer", f.layer_config, w, x.double(), pos, mask, g.double())
         return dict(zip(GRAD_OF, out, strict=True))
 
     names = {n: [ch.removeprefix("grad_") for ch in checks] for n, checks in failed.items()}
-    return diagnose_grads(runs, names, "layer", f.config, suspect)
+    return diagnose_grads(runs, names, "layer", f.layer_config, suspect)
 

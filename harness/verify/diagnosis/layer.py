@@ -44,7 +44,7 @@ def diagnose(fixture, runs: dict[str, Run], failing: list[str], passing: list[st
              fn: Callable | None = None) -> Diagnosis:  # fmt: skip
     """runs: every scenario's evidence; call(x, weights, pos, mask) runs the implementation again (probes);
     fn: the implementation itself when it runs in this process (stage-by-stage for built-ins)."""
-    config = fixture.config
+    config = fixture.layer_config  # what the code under test was handed (layer_idx, layer_type)
     weights = {k: v.float() for k, v in fixture.weights.items()}
     steps = (
         lambda: _nonfinite(config, weights, failing, runs),
@@ -204,7 +204,7 @@ def diagnose_precision(fixture, runs: dict[str, Run], imprecise: list[str], call
     """imprecise: the scenarios that pass the gate with a precision ratio above the limit. The step whose rounding
     to bfloat16 or float16 the error matches (signature.py), then probes: how the error moves with the positions,
     the scores' magnitude and the length."""
-    config = fixture.config
+    config = fixture.layer_config  # what the code under test was handed (layer_idx, layer_type)
     w = {k: v.float() for k, v in fixture.weights.items()}
     found = layer_signature(config, w, runs, imprecise)
     if found is not None:
