@@ -1,6 +1,6 @@
 """The gradients of a layer or module (`--grad`), run after its forward passes: gradients of sum(out * g) w.r.t. x
-and the four weights, against the family's transformers attention module through autograd (verify/grads.py: the references and
-the rule), diagnosed by diagnosis/grad.py."""
+and the four weights, against the family's transformers attention module through autograd (verify/grads.py: the
+references and the rule), diagnosed by diagnosis/grad.py."""
 
 from __future__ import annotations
 
