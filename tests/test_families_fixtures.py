@@ -286,8 +286,33 @@ def test_reference_plugin_passes_and_a_dropped_bias_fails(tmp_path):
 
 @pytest.mark.slow
 def test_reference_plugin_passes_on_every_new_fixture(tmp_path):
+    """Every dtype of the quick set, forward and gradients, --impl and --module, on every new fixture."""
     names = [n for n in ALL if (FIXTURES / n / "manifest.json").is_file()]
     args = [a for n in names for a in ("--fixture", n)]
-    v = verdicts(tmp_path, [*args, "--impl", f"{PLUGIN}:attention", "--module", f"{PLUGIN}:build"])
+    v = verdicts(tmp_path, [*args, "--grad", "--impl", f"{PLUGIN}:attention", "--module", f"{PLUGIN}:build"])
     assert len(v) == 2 * len(names) and all(x["passed"] for x in v.values()), [k for k, x in v.items()
                                                                                  if not x["passed"]]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["phi3-synthetic", "gpt-oss-synthetic", "qwen3-synthetic"])
+def test_reference_gradients_are_the_familys_module(name):
+    """verify --grad's references (grads.hf_layer_grads): in float32, transformers' module through autograd, as the
+    plug-in runs it on the weights given (Phi-3: q/k/v fused by a differentiable cat there, qkv_proj's gradient
+    split back into rows in the reference); in float64, close to them."""
+    from plugins.family_reference import build
+
+    from harness.verify.grads import WEIGHTS, hf_layer_grads, seeded_g
+
+    f = fx.load_fixture(name)
+    x, pos, mask = inputs(f, S=40)
+    g = seeded_g((2, 40, f.config["hidden_size"]), mask.bool(), torch.float32)
+    ref = hf_layer_grads(f.layer_config, f.weights, x, pos, mask, g, torch.float32)
+    w = {k: v.float().clone().requires_grad_(True) for k, v in f.weights.items()}
+    xx = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = build(f.layer_config, w)(xx, pos, mask)
+        want = torch.autograd.grad((out * g).sum(), [xx, *(w[n] for n in WEIGHTS)])
+    for n, t in zip(("x", *WEIGHTS), want, strict=True):
+        assert ref[n].shape == t.shape and (ref[n] - t).abs().max() <= 1e-5 * t.abs().max(), n
+    ref64 = hf_layer_grads(f.layer_config, f.weights, x, pos, mask, g, torch.float32, float64=True)
+    assert all((ref64[n] - ref[n].double()).abs().max() <= 1e-4 * ref64[n].abs().max() for n in ref)

@@ -38,9 +38,9 @@ def build(config: dict, weights: dict):
     cfg._attn_implementation = "eager"
     Attention, Rotary = _classes(mt)
     dtype = weights["q_proj"].dtype
-    with torch.device("meta"):
-        attn = Attention(cfg, config["layer_idx"]).to(dtype).eval()
-    attn.load_state_dict(_state(weights, mt == "phi3"), assign=True)
+    with torch.device("meta"):  # no weights of its own: each call runs it on the weights given (functional_call),
+        attn = Attention(cfg, config["layer_idx"]).to(dtype).eval()  # so gradients reach them
+    state = _state(weights, mt == "phi3")
     rope = Rotary(cfg)
     lt = config["layer_type"]
     W = config.get("sliding_window") if lt == "sliding_attention" else None
@@ -54,8 +54,8 @@ def build(config: dict, weights: dict):
         mask = torch.zeros(keep.shape, dtype=x.dtype).masked_fill(~keep, torch.finfo(x.dtype).min)
         r = rope.to(x.device)
         cos_sin = r(x, position_ids, lt) if mt == "gemma3_text" else r(x, position_ids)
-        with torch.no_grad():
-            return attn(x, position_embeddings=cos_sin, attention_mask=mask.to(x.device))[0]
+        kw = {"position_embeddings": cos_sin, "attention_mask": mask.to(x.device)}
+        return torch.func.functional_call(attn, state, (x,), kw)[0]
 
     return layer
 
