@@ -15,6 +15,7 @@ from conftest import FIXTURES, ROOT, one_line_error, run
 from safetensors.torch import load_file, save_file
 
 from harness.checkpoints import format as fx
+from harness.checkpoints import store
 from harness.checkpoints.layers import read_layer
 from harness.checkpoints.sources.synthetic import SyntheticCheckpoint
 from harness.reference import Reference, Reference64, additive_mask, float64_tables
@@ -107,6 +108,7 @@ def test_gemma3_fixture_real_quantized_and_not_committed(name):
     assert f.weights["q_norm"].abs().mean() < 2 and (f.weights["q_norm"] - 1).abs().mean() > 0.1
     ignored = subprocess.run(["git", "check-ignore", "-q", str(f.path / f"attn_layer_{layer}.safetensors")], cwd=ROOT)
     assert ignored.returncode == 0  # the Gemma weights are never committed
+    assert f.manifest["redistributable"] is False and {e.name: e.state for e in store.catalog()}[name] == store.CACHED
 
 
 @pytest.mark.slow
