@@ -34,8 +34,8 @@ def keywords(config: dict, weights: dict) -> dict:
         kw["scale"] = config["query_pre_attn_scalar"] ** -0.5
     if config.get("attn_logit_softcapping"):
         kw["softcap"] = float(config["attn_logit_softcapping"])
-    if weights.get("sinks") is not None:
-        kw["sinks"] = weights["sinks"]
+    if weights.get("sinks") is not None:  # logits: float32 at least, as the cores take them (float64 stays)
+        kw["sinks"] = weights["sinks"].to(torch.promote_types(weights["sinks"].dtype, torch.float32))
     return kw
 
 
