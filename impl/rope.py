@@ -10,8 +10,8 @@ are permuted accordingly. With partial rotary (rotary_dim = head_dim * partial_r
 0.75) only the first rotary_dim channels rotate, rotate_half within them, and the rest pass through unchanged.
 
 Per layer type: Gemma 3 keys rope_parameters by layer type ({"full_attention": {...}, "sliding_attention": {...}}: a
-base of 1e6 with linear scaling on its global layers, 10000 on its local ones); `layer_rope` picks the layer's by
-config["layer_type"], and every function here reads the rope parameters through it.
+base of 1e6 on its global layers, linearly scaled by 8 in the 4B and larger models, and 10000 on its local ones);
+`layer_rope` picks the layer's by config["layer_type"], and every function here reads the rope parameters through it.
 
 Scaling (rope_parameters["rope_type"]), with inv_freq_i = theta^(-2i/rd) the default frequencies:
     default  angle = position * inv_freq_i.

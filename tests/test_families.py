@@ -69,7 +69,7 @@ PHI_ROPE = {
     "long_factor": [1.0 + 0.9 * i for i in range(24)],
     "original_max_position_embeddings": 32,
 }
-GEMMA3_ROPE = {  # gemma-3-270m's: linear factor 8 on base 1e6 for the global layers, base 10000 on the local ones
+GEMMA3_ROPE = {  # Gemma 3 4B's (and larger): linear factor 8 on base 1e6 for the global layers, base 10000 local
     "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
 }
@@ -320,9 +320,11 @@ MISTAKES = {
     "mistral no window": ("mistral", lambda c, w: (c | {"layer_type": "full_attention"}, w)),
     "gpt_oss sinks dropped": ("gpt_oss", lambda c, w: (c, _without(w, "sinks"))),
     "gpt_oss o bias dropped": ("gpt_oss", lambda c, w: (c, _without(w, "o_proj.bias"))),
-    "phi3 every channel rotated": (
+    "phi3 every channel rotated (factors 1)": (
         "phi3", lambda c, w: (c | {"rope_parameters": PHI_ROPE | {"partial_rotary_factor": 1.0, "short_factor": [
             1.0] * 32, "long_factor": [1.0] * 32}}, w)),
+    "phi3 short factors past the original context": (
+        "phi3", lambda c, w: (c | {"rope_parameters": PHI_ROPE | {"long_factor": PHI_ROPE["short_factor"]}}, w)),
 }  # fmt: skip
 
 
