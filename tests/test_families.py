@@ -271,6 +271,18 @@ def test_layers_against_the_familys_module(families, name, dtype):
             check(f, impl, x, pos, mask, ref)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_long_sequence_across_blocks(families, name):
+    """S = 700, float32: the window 44x over, tiled's query and key blocks (128 x 512 forward) each skipping the key
+    blocks outside their band; positions past Phi-3's original context throughout."""
+    f = families[name]
+    x, pos, _ = inputs(f, 1, 700, torch.float32, seed=9)
+    ref = reference(f, x, pos)
+    for impl in CPU_IMPLS:
+        check(f, impl, x, pos, ref=ref)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_bfloat16_as_close_as_transformers_own(families, name):
     """bfloat16 weights and inputs: each layer within twice transformers' own bfloat16 distance from its float32
