@@ -1,4 +1,5 @@
-"""From-scratch attention, as it runs in Llama-3.2-1B. Never imports transformers.
+"""From-scratch attention, as it runs in Llama, Qwen2/3, Mistral, Gemma 2/3, GPT-OSS and Phi-3. Never imports
+transformers.
 
 Two of the harness's three plug-in contracts are met by the built-ins (the third, `module`, is a factory
 `build(config, weights) -> layer` with `layer(x, position_ids, attention_mask=None)`: see the README).
@@ -6,18 +7,28 @@ Two of the harness's three plug-in contracts are met by the built-ins (the third
 The layer contract (every entry of IMPLEMENTATIONS):
 
     attention(x, weights, *, config, position_ids, attention_mask=None) -> Tensor
-      x              [batch, seq, hidden_size], float32 / bfloat16 / float16
+      x              [batch, seq, hidden_size], float32 / bfloat16 / float16 (float64: an exact reference)
       weights        dict, nn.Linear layout [out, in], dtype of x: "q_proj" [H*d, hidden], "k_proj" [Hkv*d, hidden],
-                     "v_proj" [Hkv*d, hidden], "o_proj" [hidden, H*d]
-      config         dict: hidden_size, num_attention_heads, num_key_value_heads, head_dim, rope_parameters
-                     (transformers 5 form)
+                     "v_proj" [Hkv*d, hidden], "o_proj" [hidden, H*d]; and where the family has them
+                     "q_proj.bias" [H*d], "k_proj.bias" / "v_proj.bias" [Hkv*d], "o_proj.bias" [hidden] (Qwen2,
+                     GPT-OSS), "q_norm" / "k_norm" [d] (the stored RMSNorm weight, applied per head before RoPE as
+                     the family does: Qwen3 w, Gemma 3 (1 + w)), "sinks" [H] (GPT-OSS)
+      config         dict, the model's transformers 5 config: hidden_size, num_attention_heads, num_key_value_heads,
+                     head_dim, rope_parameters (flat, or keyed by layer type as Gemma 3's), model_type, and where
+                     the family has them partial_rotary_factor, sliding_window, query_pre_attn_scalar,
+                     attn_logit_softcapping, rms_norm_eps; plus layer_idx and layer_type ("full_attention" or
+                     "sliding_attention")
       position_ids   int64 [batch, seq], any values (contiguous, offset, restarting, sparse)
       attention_mask None or [batch, seq] of 1 = token, 0 = padding
-      returns        [batch, seq, hidden_size], dtype of x: causal self-attention with RoPE, no bias, no dropout
+      returns        [batch, seq, hidden_size], dtype of x: causal self-attention with RoPE, no dropout
 
-Pieces, one concept per file: rope (frequencies, tables, both pairings), gqa (repeat_kv, grouping), masks (and
-the variants' math: window, softcap, sinks), projection (stage 1 and the output projection), naive, loop, tiled
-(FlashAttention-2 style, forward and backward in PyTorch: tiled, tiled_forward, tiled_backward, tiles),
+Every built-in is one layer parametrised by the config (impl/layer.py), not a copy per family: a Llama config and
+weights run exactly the Llama layer.
+
+Pieces, one concept per file: rope (frequencies, tables, both pairings, partial rotary, per-layer-type parameters),
+gqa (repeat_kv, grouping), masks (and the variants' math: window, softcap, sinks), projection (stage 1 with biases
+and q/k norms, and the output projection), layer (the family's kernel keywords, the layer around any core), naive,
+loop, tiled (FlashAttention-2 style, forward and backward in PyTorch: tiled, tiled_forward, tiled_backward, tiles),
 flash_triton (FlashAttention-2 forward and backward kernels in Triton), sdpa, decode (KV cache).
 """
 

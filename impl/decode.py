@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from impl import context_of
+from impl.layer import keywords
 from impl.projection import output, project_qkv
 
 
@@ -38,9 +39,11 @@ def step(core, x, weights, *, config, position_ids, cache: KVCache, layer: int =
     """Attention for new tokens x (B, S_new, D) given the cache; appends to it. Returns (B, S_new, D).
 
     core: a kernel of the core contract (impl.CORES, impl/__init__.py); attention_mask [B, T + S_new] covers the
-    cached tokens and the new ones (1 = token, 0 = padding). Causal is bottom-right: the new tokens are the last.
+    cached tokens and the new ones (1 = token, 0 = padding). Causal is bottom-right: the new tokens are the last, so
+    a sliding layer's window (W - 1, 0) counts back from each new token over the cache. The family's pieces (biases,
+    q/k norms, scale, softcap, sinks) as in the full pass (impl/layer.py).
     """
     q, k, v = project_qkv(x, weights, config, position_ids)  # (B, H, S_new, d), (B, Hkv, S_new, d) x2
     k, v = cache.append(layer, k, v)  # (B, Hkv, T + S_new, d)
-    ctx = core(q, k, v, causal=True, attention_mask=attention_mask)
+    ctx = core(q, k, v, causal=True, attention_mask=attention_mask, **keywords(config, weights))
     return output(context_of(ctx), weights)  # (B, S_new, D)

@@ -20,9 +20,8 @@ import numbers
 
 import torch
 
-from impl import flash_triton_bwd, flash_triton_fwd, triton_cpu
+from impl import flash_triton_bwd, flash_triton_fwd, layer, triton_cpu
 from impl.gqa import groups
-from impl.projection import heads, output, project_qkv
 
 # Block sizes (constexpr). 64 x 64 is the common FlashAttention-2 tile for head_dim 64..128 (tutorial 06's autotune
 # space is BLOCK_M in {64, 128} x BLOCK_N in {32, 64, 128}): on a GPU a Q tile, a K and a V tile of 64 x d in half
@@ -200,8 +199,7 @@ def core(
 
 
 def attention(x, weights, *, config, position_ids, attention_mask=None, block_m=BLOCK_M, block_n=BLOCK_N):
-    """The plug-in contract (impl/__init__.py): x (B, S, D) -> (B, S, D)."""
-    groups(*heads(config)[:2])
-    q, k, v = project_qkv(x, weights, config, position_ids)  # (B, H, S, d), (B, Hkv, S, d) x2
-    ctx, _ = core(q, k, v, attention_mask=attention_mask, block_m=block_m, block_n=block_n)  # (B, H, S, d)
-    return output(ctx, weights)  # (B, S, D)
+    """The plug-in contract (impl/__init__.py): x (B, S, D) -> (B, S, D), the one layer (impl/layer.py) around
+    this core."""
+    return layer.attention(core, x, weights, config=config, position_ids=position_ids, attention_mask=attention_mask,
+                           block_m=block_m, block_n=block_n)  # fmt: skip

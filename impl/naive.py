@@ -1,9 +1,11 @@
 """Naive attention: the four stages in plain tensor algebra, materialising the S x S score matrix.
 
-    1. projection   q, k, v = x Wq^T, x Wk^T, x Wv^T; split into heads; rotate q and k (RoPE)
-    2. scores       q k^T / sqrt(d)                  (each query head against its group's KV head)
+    1. projection   q, k, v = x Wq^T (+ bq), ...; split into heads; q_norm/k_norm per head; rotate q and k (RoPE)
+    2. scores       q k^T * scale (1/sqrt(d), or the family's)  (each query head against its group's KV head)
     3. mask/softmax causal + padding (+ window, softcap, sinks when asked), softmax in float32 (or wider)
-    4. aggregation  probabilities @ v, merge heads, output projection
+    4. aggregation  probabilities @ v, merge heads, output projection (+ bo)
+
+The layer takes its family's pieces from the config and weights (impl/layer.py): the same code for every family.
 
 Memory: O(B * H * Sq * Sk) for the scores. `return_intermediates=True` also returns every stage's tensor, so the
 harness can compare stage by stage with transformers.
@@ -15,6 +17,7 @@ import torch
 
 from impl import masks
 from impl.gqa import groups, repeat_kv
+from impl.layer import keywords
 from impl.projection import heads, output, project_qkv
 
 
@@ -50,11 +53,12 @@ def attention(x, weights, *, config, position_ids, attention_mask=None, return_i
     """The plug-in contract: x (B, S, D) -> (B, S, D). See impl/__init__.py."""
     groups(*heads(config)[:2])  # H % Hkv != 0 is an error before any work
 
-    # 1. projection, head split, RoPE
+    # 1. projection (+ biases), head split, q/k norms, RoPE
     q, k, v = project_qkv(x, weights, config, position_ids)  # (B, H, S, d), (B, Hkv, S, d) x2
 
+    # 2.-4. the kernel with this layer's window, scale, softcap and sinks (impl/layer.py)
     stages = {"q": q, "k": k, "v": v} if return_intermediates else None
-    ctx = core(q, k, v, attention_mask=attention_mask, stages=stages)
+    ctx = core(q, k, v, attention_mask=attention_mask, stages=stages, **keywords(config, weights))
 
-    out = output(ctx, weights)  # (B, S, D): merge heads, o_proj
+    out = output(ctx, weights)  # (B, S, D): merge heads, o_proj (+ bias)
     return (out, stages) if return_intermediates else out

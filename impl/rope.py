@@ -1,4 +1,4 @@
-"""Rotary position embeddings (RoPE), from a config, as Llama uses them.
+"""Rotary position embeddings (RoPE), from a config, as Llama, Qwen, Mistral, Gemma, GPT-OSS and Phi-3 use them.
 
 A pair of channels (a, b) of q and k is rotated by the angle  position * inv_freq[i].  Because the rotation of q
 at position m and of k at position n combine into a rotation by (m - n), scores depend only on the distance
@@ -6,7 +6,12 @@ between positions: RoPE is relative. A frequency bug therefore shows only at une
 
 Pairs: HF's checkpoints pair channel i with channel i + rd/2 ("half-split", `apply_half`); Meta's and llama.cpp's
 pair 2i with 2i+1 ("interleaved", `apply_interleaved`). The two are the same attention once the q/k weight rows
-are permuted accordingly. With partial rotary (rotary_dim < head_dim) only the first rotary_dim channels rotate.
+are permuted accordingly. With partial rotary (rotary_dim = head_dim * partial_rotary_factor < head_dim, Phi-4-mini's
+0.75) only the first rotary_dim channels rotate, rotate_half within them, and the rest pass through unchanged.
+
+Per layer type: Gemma 3 keys rope_parameters by layer type ({"full_attention": {...}, "sliding_attention": {...}}: a
+base of 1e6 on its global layers, linearly scaled by 8 in the 4B and larger models, and 10000 on its local ones);
+`layer_rope` picks the layer's by config["layer_type"], and every function here reads the rope parameters through it.
 
 Scaling (rope_parameters["rope_type"]), with inv_freq_i = theta^(-2i/rd) the default frequencies:
     default  angle = position * inv_freq_i.
@@ -21,6 +26,9 @@ Scaling (rope_parameters["rope_type"]), with inv_freq_i = theta^(-2i/rd) the def
     yarn     the same idea with a ramp over pair indices set by beta_fast / beta_slow (interpolate low frequencies,
              extrapolate high ones), and cos/sin multiplied by an attention factor (0.1 ln(factor) + 1 by default)
              that sharpens the softmax back to its trained temperature.
+    longrope Phi-3 / Phi-4: one rescale factor per frequency, short_factor while the longest position + 1 is within
+             original_max_position_embeddings, long_factor past it (transformers switches on max(position_ids) + 1),
+             and cos/sin multiplied by sqrt(1 + ln(factor) / ln(original_max)), factor = max / original_max.
 
 Precision: angles are float32 position * float32 frequency, elementwise (never in bf16: at position 100000
 a bf16 angle is off by hundreds of radians). `dtype=torch.float64` gives reference tables.
@@ -33,10 +41,28 @@ import math
 import torch
 
 
+def layer_rope(config: dict) -> dict:
+    """The config of this layer with its rope_parameters flat ({"rope_type": ..., "rope_theta": ..., ...}).
+
+    Gemma 3's are keyed by layer type: the layer's are rope_parameters[config["layer_type"]]. Every other family
+    has one flat dict, returned as it is (so calling this twice changes nothing).
+    """
+    rp = config.get("rope_parameters") or {}
+    if not any(isinstance(v, dict) for v in rp.values()):
+        return config  # flat already
+    kind = config.get("layer_type")
+    if kind not in rp:
+        raise ValueError(
+            f"rope_parameters are keyed by layer type ({', '.join(sorted(rp))}): config['layer_type'] must name one "
+            f"of them, got {kind!r}"
+        )
+    return {**config, "rope_parameters": rp[kind]}
+
+
 def dims(config: dict) -> tuple[int, int]:
     """(head_dim, rotary_dim)."""
     d = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    rp = config.get("rope_parameters") or {}
+    rp = layer_rope(config).get("rope_parameters") or {}
     factor = rp.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
     return d, int(d * factor)
 
@@ -47,6 +73,7 @@ def inv_freq(config: dict, *, seq_len: int | None = None, dtype=torch.float32) -
     Mirrors transformers' rope init functions operation for operation, so float32 results are bit-identical;
     with dtype=torch.float64 the same formulas give a reference table.
     """
+    config = layer_rope(config)
     rp = config["rope_parameters"]
     kind = rp.get("rope_type", "default")
     base = rp["rope_theta"]
@@ -69,8 +96,12 @@ def inv_freq(config: dict, *, seq_len: int | None = None, dtype=torch.float32) -
         inv, scaling = _llama3(rp, 1.0 / (base**exponent))
     elif kind == "yarn":
         inv, scaling = _yarn(config, rp, base, dim, exponent)
+    elif kind == "longrope":
+        inv, scaling = _longrope(config, rp, base, exponent, seq_len)
     else:
-        raise ValueError(f"rope_type '{kind}' is not implemented here (default, linear, dynamic, llama3, yarn)")
+        raise ValueError(
+            f"rope_type '{kind}' is not implemented here (default, linear, dynamic, llama3, yarn, longrope)"
+        )
     return inv, scaling
 
 
@@ -117,6 +148,26 @@ def _yarn(config: dict, rp: dict, base: float, dim: int, exponent: torch.Tensor)
     extrapolation = 1 - ramp  # 1: keep the original frequency, 0: interpolate (divide by factor)
     inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     return inv, attention_factor
+
+
+def _longrope(config: dict, rp: dict, base: float, exponent: torch.Tensor, seq_len) -> tuple[torch.Tensor, float]:
+    """LongRoPE (Phi-3, Phi-4-mini): each frequency divided by its own rescale factor, cos/sin scaled.
+
+    The factors are short_factor up to original_max_position_embeddings and long_factor past it (seq_len, the
+    longest position + 1, decides: None means short, as transformers' init does); one factor per rotated pair.
+    """
+    old_ctx = rp.get("original_max_position_embeddings") or config["original_max_position_embeddings"]
+    factor = rp.get("factor")
+    if factor is None:  # Phi-3 stores the extended context instead: factor = max / original max
+        factor = config["max_position_embeddings"] / old_ctx
+    scaling = rp.get("attention_factor")
+    if scaling is None:  # the paper's suggestion: keep the softmax's temperature as the context grows
+        scaling = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old_ctx))
+    factors = rp["long_factor"] if seq_len and seq_len > old_ctx else rp["short_factor"]
+    ext = torch.tensor(factors, dtype=exponent.dtype)  # (rd/2,): float32 as transformers has them, or float64
+    if ext.shape != exponent.shape:
+        raise ValueError(f"longrope factors: {ext.numel()} given, rotary_dim / 2 = {exponent.numel()} needed")
+    return 1.0 / (ext * base**exponent), scaling
 
 
 def cos_sin(

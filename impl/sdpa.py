@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from impl import masks, naive
+from impl import layer, masks, naive
 from impl.gqa import groups, repeat_kv
-from impl.projection import heads, output, project_qkv
 
 ORDER = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 SOFTCAP_FALLBACK = "naive (softcap)"  # last_backend when softcap made naive.core run instead
@@ -84,6 +83,5 @@ def core(q, k, v, *, causal=True, scale=None, attention_mask=None, window=None, 
 
 
 def attention(x, weights, *, config, position_ids, attention_mask=None):
-    groups(*heads(config)[:2])
-    q, k, v = project_qkv(x, weights, config, position_ids)  # (B, H, S, d), (B, Hkv, S, d) x2
-    return output(core(q, k, v, attention_mask=attention_mask), weights)  # (B, S, D)
+    """The plug-in contract: the one layer (impl/layer.py) around this core."""
+    return layer.attention(core, x, weights, config=config, position_ids=position_ids, attention_mask=attention_mask)

@@ -50,8 +50,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from impl.gqa import groups
-from impl.projection import heads, output, project_qkv
+from impl import layer
 from impl.tiled_backward import flash_backward
 from impl.tiled_forward import flash_forward
 from impl.tiles import BLOCK_K, BLOCK_Q, FORWARD_BLOCK_K
@@ -106,8 +105,7 @@ def core(q, k, v, *, causal=True, scale=None, attention_mask=None, window=None, 
 
 
 def attention(x, weights, *, config, position_ids, attention_mask=None, block_q=None, block_k=None):
-    """The plug-in contract, with configurable block sizes; differentiable (projections through autograd)."""
-    groups(*heads(config)[:2])
-    q, k, v = project_qkv(x, weights, config, position_ids)  # (B, H, S, d), (B, Hkv, S, d) x2
-    ctx, _ = core(q, k, v, attention_mask=attention_mask, block_q=block_q, block_k=block_k)  # (B, H, S, d)
-    return output(ctx, weights)  # (B, S, D)
+    """The plug-in contract (the one layer, impl/layer.py, around this core), with configurable block sizes;
+    differentiable (projections, norms and biases through autograd, the kernel through FlashAttention)."""
+    return layer.attention(core, x, weights, config=config, position_ids=position_ids, attention_mask=attention_mask,
+                           block_q=block_q, block_k=block_k)  # fmt: skip

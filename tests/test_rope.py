@@ -193,5 +193,5 @@ def test_partial_rotary_equals_phi():
 
 
 def test_unknown_rope_type_is_a_clear_error():
-    with pytest.raises(ValueError, match="longrope"):
-        rope.inv_freq(BASE | {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1.0}})
+    with pytest.raises(ValueError, match="'proportional' is not implemented.*longrope"):
+        rope.inv_freq(BASE | {"rope_parameters": {"rope_type": "proportional", "rope_theta": 1.0}})
