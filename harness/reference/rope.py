@@ -2,14 +2,11 @@
 in the dtype, and float64 tables from float64 frequencies for the float64 reference.
 
 transformers' rope init functions only produce float32; impl.rope reproduces them bit for bit in float32 (tested)
-and evaluates the same formulas in float64 here. LongRoPE (Phi-3) is written out below in float64 until
-impl.rope knows it: short factors up to original_max_position_embeddings, long ones past it (transformers switches
-on max(position_ids) + 1), cos/sin times sqrt(1 + ln(factor) / ln(original_max)).
+and evaluates the same formulas in float64 here (LongRoPE included: short factors up to
+original_max_position_embeddings, long ones past it, as transformers switches on max(position_ids) + 1).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -42,29 +39,12 @@ def flat(config: dict, layer: int) -> dict:
     return {**config, "rope_parameters": layer_rope(config, layer)}
 
 
-def _longrope64(config: dict, seq_len: int) -> tuple[torch.Tensor, float]:
-    rp = config["rope_parameters"]
-    d = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    dim = int(d * rp.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)))
-    old = rp.get("original_max_position_embeddings") or config.get("original_max_position_embeddings")
-    factor = rp.get("factor") or config["max_position_embeddings"] / old
-    attention = rp.get("attention_factor")
-    if attention is None:
-        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old))
-    ext = torch.tensor(rp["long_factor"] if seq_len > old else rp["short_factor"], dtype=torch.float64)
-    shape = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float64) / dim  # (dim/2,)
-    return 1.0 / (ext * rp["rope_theta"] ** shape), attention
-
-
 def float64_tables(config: dict, position_ids: torch.Tensor, layer: int | None = None):
     """cos, sin [B, S, rotary_dim] in float64 for the layer (layer None: config's layer_idx, else 0)."""
     layer = config.get("layer_idx", 0) if layer is None else layer
     cfg = flat(config, layer)
     seq_len = int(position_ids.max()) + 1
-    if cfg["rope_parameters"].get("rope_type") == "longrope":
-        inv, scaling = _longrope64(cfg, seq_len)
-    else:
-        inv, scaling = inv_freq(cfg, seq_len=seq_len, dtype=torch.float64)
+    inv, scaling = inv_freq(cfg, seq_len=seq_len, dtype=torch.float64)  # longrope included
     cos, sin = cos_sin(inv.to(position_ids.device), position_ids, scaling, dtype=torch.float64)
     if family(config).model_type == "gpt_oss":  # its tables hold each angle once (it rotates the halves itself)
         half = cos.shape[-1] // 2
