@@ -89,7 +89,7 @@ def test_cli_grad_json_and_a_missing_gradient(tmp_path):
     assert bad["stage"] == "contract" and "o_proj" in bad["hint"]
 
 
-@pytest.mark.slow
+@pytest.mark.gate  # a whole model trained twice: the CI gate (make test-gate)
 def test_training_with_tiled_matches_transformers(tmp_path):
     """Two prompts of different lengths (a left-padded batch), step 0 and two AdamW steps: `make e2e`-style
     training with the default prompts and 10 steps is in docs/grad.md."""

@@ -335,7 +335,7 @@ def test_transformers_functions_pass_the_quick_scenarios(tmp_path):
     assert f"FAIL (--strict) kernels / {HF}:hf_all" not in strict.stdout  # it takes every keyword: nothing skipped
 
 
-@pytest.mark.slow
+@pytest.mark.gate  # the whole kernel matrix through workers: a CI gate (the quick one stays in make test)
 def test_transformers_functions_pass_the_whole_matrix(tmp_path):
     p, doc = plugin_run(tmp_path)
     assert p.returncode == 0, p.stdout[-3000:]
