@@ -176,6 +176,10 @@ def _pattern(failing, passing, runs) -> Diagnosis:
     if f and f <= {"sparse_positions", "packed", "rope_stress"}:
         return Diagnosis("rope_frequencies", "only unequal long distances between positions fail: the rotary "
                          "frequencies are off (rope_theta, rope scaling, float32 angles)", "sparse_positions")
+    if "window_edge" in f and f <= {"window_edge", "len_257", "len_1000", "long_2048"}:
+        return Diagnosis("sliding_window", "only sequences longer than the sliding window fail: on a sliding layer "
+                         "each query sees itself and the sliding_window - 1 keys before it; a full-attention layer "
+                         "sees every earlier key", "window_edge")  # fmt: skip
     fl = {n: runs[n].x.shape[1] for n in f if runs[n].dtype == torch.float32}  # failing float32 lengths
     pl = {n: runs[n].x.shape[1] for n in p if runs[n].dtype == torch.float32}
     if fl and pl and min(fl.values()) > max(pl.values()):
