@@ -42,9 +42,9 @@ def suspects(config, w, runs, failing) -> Diagnosis | None:
     fp32 = [n for n in failing if runs[n].dtype == torch.float32 and runs[n].x.shape[1] <= MAX_SUSPECT_LEN]
     if not fp32:
         return None
-    found = [Suspect(b.name, b.stage, b.hint_for(config), b.layer()) for b in catalog.suspects(config)
-             if b.stage not in PRECISION]  # fmt: skip
-    found += field_suspects(config, w, Suspect)
+    found = field_suspects(config, w, Suspect)  # first: on a family's layer its own fields are the likeliest
+    found += [Suspect(b.name, b.stage, b.hint_for(config), b.layer()) for b in catalog.suspects(config)
+              if b.stage not in PRECISION]  # fmt: skip
     found += rope_suspects(config)
     best = None
     for s in found:
