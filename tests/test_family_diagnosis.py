@@ -56,7 +56,7 @@ def test_the_catalog_has_twelve_family_bugs_a_third_held_out(fixtures):
 NAMES = ["qk_norm_all_heads", "qk_norm_after_rope", "qk_norm_gain_w", "k_norm_missing", "k_bias_missing",
          "v_bias_missing", "o_bias_missing", "query_pre_attn_scalar_ignored", "local_layer_global_rope",
          "partial_rotary_all_dims", "partial_rotary_last_dims", "window_missing_on_sliding", "window_on_full_layers",
-         "softcap_missing", "sinks_dropped"]  # fmt: skip
+         "gemma2_softcap_missing", "sinks_dropped"]  # fmt: skip
 
 
 def test_the_names_are_the_family_bugs(fixtures):

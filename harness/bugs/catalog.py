@@ -359,7 +359,7 @@ CATALOG: list[Bug] = [
     Bug("window_on_full_layers", "sliding_window", "the sliding window applied on full-attention layers too",
         "only layer_type sliding_attention is windowed", {"keywords": fm.with_keywords(fm.window_everywhere)},
         shows=full_beside_sliding, **HELD),
-    Bug("softcap_missing", "softcap", "attn_logit_softcapping never applied (Gemma 2)",
+    Bug("gemma2_softcap_missing", "softcap", "attn_logit_softcapping never applied (Gemma 2)",
         "cap the scores: softcap tanh(s / softcap), after the scale", {"keywords": fm.with_keywords(fm.no_softcap)},
         shows=capped),
     Bug("sinks_dropped", "sinks", "GPT-OSS's sinks never loaded: a plain softmax",
