@@ -29,10 +29,12 @@ Pieces, one concept per file: rope (frequencies, tables, both pairings, partial 
 gqa (repeat_kv, grouping), masks (and the variants' math: window, softcap, sinks), projection (stage 1 with biases
 and q/k norms, and the output projection), layer (the family's kernel keywords, the layer around any core), naive,
 loop, tiled (FlashAttention-2 style, forward and backward in PyTorch: tiled, tiled_forward, tiled_backward, tiles),
-flash_triton (FlashAttention-2 forward and backward kernels in Triton), sdpa, decode (KV cache).
+flash_triton (FlashAttention-2 forward and backward kernels in Triton), sdpa, decode (KV cache); the serving path:
+paged (a paged KV cache: the textbook and flash-decoding), paged_triton (a Triton paged decode kernel), varlen
+(packed batches).
 """
 
-from impl import flash_triton, loop, naive, sdpa, tiled
+from impl import flash_triton, loop, naive, paged, paged_triton, sdpa, tiled, varlen
 
 IMPLEMENTATIONS = {
     "naive": naive.attention,
@@ -58,6 +60,27 @@ IMPLEMENTATIONS = {
 #   impl/masks.py writes the variants' math out; backward (autograd): gradients for q, k, v and the sinks.
 CORES = {"naive": naive.core, "loop": loop.core, "tiled": tiled.core, "sdpa": sdpa.core, "triton": flash_triton.core}
 
+# The paged contract (every entry of PAGED; impl/paged.py says more): attention of each sequence's last Sq tokens
+# against its keys and values in a paged KV cache.
+#   attn(q, k_cache, v_cache, *, block_table, cache_seqlens, causal=True, scale=None, window=None, softcap=0.0,
+#        sinks=None) -> out or (out, lse)
+#     q [B, H, Sq, d]: the last Sq tokens of each sequence (Sq = 1 decode, > 1 chunked prefill), already in the cache
+#     k_cache, v_cache [num_blocks, page_size, Hkv, d]; block_table [B, max_blocks] int32: token t of sequence b is
+#       at block block_table[b, t // page_size], slot t % page_size; cache_seqlens [B] int32: lengths, new tokens
+#       included. Query i of sequence b sits at p = cache_seqlens[b] - Sq + i (bottom-right, as the core contract).
+#       Slots past a sequence's length are arbitrary (NaN in the harness): never read.
+#     window, softcap, sinks as the core contract; out [B, H, Sq, d] in q's dtype; lse [B, H, Sq] float32
+PAGED = {"paged_naive": paged.paged_naive, "paged_split": paged.paged_split, "paged_triton": paged_triton.paged_triton}
+
+# The varlen contract (every entry of VARLEN; impl/varlen.py): a packed batch without padding, FlashAttention's
+# flash_attn_varlen_func convention.
+#   attn(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True, scale=None, window=None,
+#        softcap=0.0, sinks=None) -> out or (out, lse)
+#     q [total_q, H, d]; k, v [total_k, Hkv, d]; cu_seqlens_q / _k int32 [B + 1]: sequence b is rows cu[b] ..
+#     cu[b + 1] - 1; it sees only its own keys, causal bottom-right (query i at len_k_b - len_q_b + i)
+#     out [total_q, H, d] in q's dtype; lse [H, total_q] float32
+VARLEN = {"varlen_tiled": varlen.varlen_tiled}
+
 # Run in Triton's interpreter when their inputs are on a CPU (correct, but Python-speed): the harness gives them a
 # shorter scenario list there.
 INTERPRETED_ON_CPU = {"triton"}
@@ -69,4 +92,4 @@ def context_of(result):
     return result[0] if isinstance(result, tuple) else result
 
 
-__all__ = ["IMPLEMENTATIONS", "CORES", "INTERPRETED_ON_CPU", "context_of"]
+__all__ = ["IMPLEMENTATIONS", "CORES", "PAGED", "VARLEN", "INTERPRETED_ON_CPU", "context_of"]
