@@ -26,6 +26,11 @@ STAGES = (
     "tiling",
     "lse",
     "output_projection",
+    # the serving path (--paged, --varlen)
+    "block_table",
+    "seqlens",
+    "split_merge",
+    "varlen_boundary",
     "nonfinite",
     "unknown",
     # the backward pass (verify --grad)

@@ -22,6 +22,8 @@ from harness.bugs import backward, pipeline
 from harness.bugs import family_mistakes as fm
 from harness.bugs import keywords as kw
 from harness.bugs import mistakes as m
+from harness.bugs import serving as sv
+from harness.bugs import serving_mistakes as sm
 from harness.bugs.pipeline import layer
 from harness.bugs.tiled import core_step
 from harness.reference.family import FULL, SLIDING, family
@@ -56,7 +58,7 @@ class Bug:
     fn: Callable | None = field(default=None, repr=False)  # a whole layer instead (bugs outside the pipeline)
     held_out: bool = False  # never used by the diagnosis
     shows: Callable[[dict], bool] = field(default=always, repr=False)  # configs on which the bug can show at all
-    contract: str = "layer"  # the contract the mutation suite runs it through: "layer" or "core" (a kernel)
+    contract: str = "layer"  # the contract the mutation suite runs it through: "layer", "core", "paged", "varlen"
     kind: str = "forward"  # "backward": the forward is right, the gradients are not (caught by verify --grad)
 
     def layer(self) -> Callable:
@@ -65,7 +67,7 @@ class Bug:
 
     def kernel(self) -> Callable | None:
         """The bug as a kernel of the core contract, when it lives between the projections and o_proj."""
-        if self.contract == "core" and self.fn is not None:
+        if self.contract in ("core", "paged", "varlen") and self.fn is not None:
             return self.fn
         return pipeline.core(**self.steps) if self.steps and set(self.steps) <= pipeline.KERNEL_STEPS else None
 
@@ -364,6 +366,40 @@ CATALOG: list[Bug] = [
         shows=capped),
     Bug("sinks_dropped", "sinks", "GPT-OSS's sinks never loaded: a plain softmax",
         "add each head's sink logit to the softmax's denominator", fn=fm.without("sinks"), shows=sinks),
+    # the serving path (serving.py, serving_mistakes.py): paged KV caches, split-KV decoding, packed varlen batches
+    Bug("block_table_ignored", "block_table", "pages assumed contiguous from block 0: the block table ignored",
+        "token t of sequence b is at block_table[b, t // page_size], slot t % page_size: read the table",
+        fn=sv.paged(locate=sm.locate_contiguous), contract="paged"),
+    Bug("page_index_off_by_one", "block_table", "block_table[b, t // page_size - 1]: the page index off by one",
+        "the page of token t is block_table[b, t // page_size]", fn=sv.paged(locate=sm.locate_page_before),
+        contract="paged", **HELD),
+    Bug("slot_off_by_one_at_page_boundary", "block_table", "a page's last slot read from the next page",
+        "page t // page_size, slot t % page_size: the same t for both", fn=sv.paged(locate=sm.locate_slot_boundary),
+        contract="paged"),
+    Bug("seqlens_plus_one", "seqlens", "one slot past each sequence read (cache_seqlens taken as the last index)",
+        "cache_seqlens[b] counts the sequence's tokens, the new ones included: read keys 0 .. cache_seqlens[b] - 1",
+        fn=sv.paged(length=sm.length_plus_one), contract="paged"),
+    Bug("seqlens_minus_one", "seqlens", "the last key missed (cache_seqlens taken before the new tokens)",
+        "cache_seqlens[b] includes the new tokens", fn=sv.paged(length=sm.length_minus_one), contract="paged",
+        **HELD),
+    Bug("seqlens_ignored", "seqlens", "cache_seqlens ignored: every sequence read to the longest",
+        "read each sequence to its own cache_seqlens[b]", fn=sv.paged(length=sm.length_longest), contract="paged"),
+    Bug("decode_query_at_zero", "seqlens", "the new tokens placed at positions 0 .. Sq - 1",
+        "query i of sequence b sits at cache_seqlens[b] - Sq + i (the sequence's end)",
+        fn=sv.paged(query_pos=sm.query_at_zero), contract="paged"),
+    Bug("split_merge_unrescaled", "split_merge", "split-KV partials added without rescaling to the common max",
+        "merge the parts by their lse: out = sum_i exp(lse_i - lse) out_i, lse = logsumexp_i lse_i",
+        fn=sv.paged(merge=sm.merge_unrescaled, splits=4), contract="paged"),
+    Bug("split_merge_average", "split_merge", "split-KV parts' outputs averaged", "weigh each part by exp(lse_i - lse)",
+        fn=sv.paged(merge=sm.merge_average, splits=4), contract="paged", **HELD),
+    Bug("split_merge_lse_max", "split_merge", "the merged lse is the largest part's, not their logsumexp",
+        "lse = logsumexp over the parts' lse", fn=sv.paged(merge=sm.merge_lse_max, splits=4), contract="paged"),
+    Bug("varlen_sees_neighbour", "varlen_boundary", "each packed sequence's keys start at its neighbour's",
+        "sequence b's keys are rows cu_seqlens_k[b] .. cu_seqlens_k[b + 1] - 1 only",
+        fn=sv.varlen(bounds_k=sm.bounds_with_neighbour), contract="varlen"),
+    Bug("cu_seqlens_off_by_one", "varlen_boundary", "cu_seqlens[b + 1] - 1 taken as a sequence's end",
+        "sequence b is rows cu_seqlens[b] .. cu_seqlens[b + 1] - 1 (the end exclusive)",
+        fn=sv.varlen(bounds_q=sm.bounds_short, bounds_k=sm.bounds_short), contract="varlen", **HELD),
     # the backward pass: a right forward, one mistake in the gradients (verify --grad)
     _grad("no_D", "grad_softmax", "dS = P * dP: the D = rowsum(dO * O) term missing",
           "the softmax backward looks like dS = P * dP: subtract D = rowsum(dO * O), dS = P * (dP - D)"),
