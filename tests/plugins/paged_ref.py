@@ -7,9 +7,11 @@ the bugs can move into the catalog (harness/bugs/) as they are.
     varlen              --varlen: each sequence sliced by cu_seqlens, textbook
     wrong_shape         --paged: drops the last channel (a contract fault)
     bugs (paged)        table_ignored (pages assumed contiguous from the first), page_off_by_one (logical page
-                        t // page_size + 1), seqlens_plus_one, seqlens_minus_one, seqlens_ignored (every sequence to
-                        the longest), split_no_rescale (parts weighted by their local sums, never brought to one max),
-                        split_average (parts averaged), query_at_zero (the new queries at positions 0 .. Sq - 1)
+                        t // page_size + 1), slot_wraps_early and boundary_next_page (a page's last token read from
+                        its first slot, or from the next page's block), seqlens_plus_one, seqlens_minus_one,
+                        seqlens_ignored (every sequence to the longest), split_no_rescale (parts weighted by their
+                        local sums, never brought to one max), split_average (parts averaged), query_at_zero (the
+                        new queries at positions 0 .. Sq - 1)
     bugs (varlen)       varlen_neighbour (a sequence sees the previous one's keys), cu_seqlens_off_by_one (each
                         sequence's keys end one past cu_seqlens_k[b + 1])
 """
@@ -52,22 +54,27 @@ def dense(q, k, v, *, causal, scale, window, softcap, sinks, offset=None, keys_f
     return w @ v, lse, m
 
 
-def gather(k_cache, v_cache, block_table, b: int, n: int, page_of=None):
-    """(k, v) (1, Hkv, n, d) of sequence b's first n tokens; page_of(table, b, logical pages) -> blocks."""
-    P, N = k_cache.shape[1], k_cache.shape[0]
-    t = torch.arange(n)
-    blocks = block_table[b, t // P] if page_of is None else page_of(block_table, b, t // P, N)
-    k, v = k_cache[blocks.long(), t % P], v_cache[blocks.long(), t % P]  # (n, Hkv, d)
+def address(table, b: int, t, P: int, N: int):
+    """(blocks, slots) of tokens t of sequence b: the contract's."""
+    return table[b, t // P], t % P
+
+
+def gather(k_cache, v_cache, block_table, b: int, n: int, where=address):
+    """(k, v) (1, Hkv, n, d) of sequence b's first n tokens, each at where(table, b, t, page_size, num_blocks)."""
+    blocks, slots = where(block_table, b, torch.arange(n), k_cache.shape[1], k_cache.shape[0])
+    k, v = k_cache[blocks.long(), slots], v_cache[blocks.long(), slots]  # (n, Hkv, d)
     return k.permute(1, 0, 2)[None], v.permute(1, 0, 2)[None]
 
 
-def _paged(q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, window, softcap, sinks, *, length=None,
-           page_of=None, top_left=False, attend=None):  # fmt: skip
+def paged_with(q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, window, softcap, sinks, *,
+               length=None, where=address, top_left=False, attend=None):  # fmt: skip
+    """The paged contract, each sequence on its own, with the hooks the bugs bend: length(n, lens) the keys read,
+    where (address's signature) each token's slot, top_left the queries at 0 .. Sq - 1, attend the core."""
     lens = [int(n) for n in cache_seqlens]
     outs, lses = [], []
     for b, n in enumerate(lens):
         n = length(n, lens) if length is not None else n
-        k, v = gather(k_cache, v_cache, block_table, b, n, page_of)
+        k, v = gather(k_cache, v_cache, block_table, b, n, where)
         kw = {"causal": causal, "scale": scale, "window": window, "softcap": softcap, "sinks": sinks}
         o, lse = (attend or _whole)(q[b : b + 1], k, v, offset=0 if top_left else None, **kw)
         outs.append(o)
@@ -82,7 +89,7 @@ def _whole(q, k, v, **kw):
 
 def attn(q, k_cache, v_cache, *, block_table, cache_seqlens, causal=True, scale=None, window=None, softcap=0.0,
          sinks=None):  # fmt: skip
-    return _paged(q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, window, softcap, sinks)
+    return paged_with(q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, window, softcap, sinks)
 
 
 def wrong_shape(q, k_cache, v_cache, *, block_table, cache_seqlens, causal=True, scale=None):
@@ -134,7 +141,7 @@ def merge_average(parts):
 
 def split(q, k_cache, v_cache, *, block_table, cache_seqlens, causal=True, scale=None, window=None, softcap=0.0,
           sinks=None):  # fmt: skip
-    return _paged(q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, window, softcap, sinks,
+    return paged_with(q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, window, softcap, sinks,
                   attend=_split_with(merge_lse))  # fmt: skip
 
 
@@ -144,42 +151,54 @@ def split(q, k_cache, v_cache, *, block_table, cache_seqlens, causal=True, scale
 
 def table_ignored(q, k_cache, v_cache, *, block_table, cache_seqlens, causal=True, scale=None):
     """A sequence's pages assumed contiguous, from its first block on."""
-    return _paged(q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, None, 0.0, None,
-                  page_of=lambda t, b, j, N: (t[b, 0].long() + j) % N)  # fmt: skip
+    return paged_with(q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, None, 0.0, None,
+                  where=lambda tab, b, t, P, N: ((tab[b, 0].long() + t // P) % N, t % P))  # fmt: skip
 
 
 def page_off_by_one(q, k_cache, v_cache, *, block_table, cache_seqlens, causal=True, scale=None):
-    return _paged(q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, None, 0.0, None,
-                  page_of=lambda t, b, j, N: t[b, j + 1])  # fmt: skip
+    return paged_with(q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, None, 0.0, None,
+                  where=lambda tab, b, t, P, N: (tab[b, t // P + 1], t % P))  # fmt: skip
+
+
+def slot_wraps_early(q, k_cache, v_cache, *, block_table, cache_seqlens, causal=True, scale=None):
+    """The slot off by one at a page boundary: a page's last token read from its first slot."""
+    return paged_with(q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, None, 0.0, None,
+                      where=lambda tab, b, t, P, N: (tab[b, t // P], torch.where(t % P == P - 1, 0, t % P)))
+
+
+def boundary_next_page(q, k_cache, v_cache, *, block_table, cache_seqlens, causal=True, scale=None):
+    """The page index of (t + 1): a page's last token read from the next page's block (same slot)."""
+    return paged_with(q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, None, 0.0, None,
+                      where=lambda tab, b, t, P, N: (tab[b, (t + 1) // P], t % P))  # fmt: skip
 
 
 def seqlens_plus_one(q, k_cache, v_cache, *, block_table, cache_seqlens, causal=True, scale=None):
-    return _paged(q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, None, 0.0, None,
+    return paged_with(q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, None, 0.0, None,
                   length=lambda n, lens: n + 1)  # fmt: skip
 
 
 def seqlens_minus_one(q, k_cache, v_cache, *, block_table, cache_seqlens, causal=True, scale=None):
-    return _paged(q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, None, 0.0, None,
+    return paged_with(q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, None, 0.0, None,
                   length=lambda n, lens: n - 1)  # fmt: skip
 
 
 def seqlens_ignored(q, k_cache, v_cache, *, block_table, cache_seqlens, causal=True, scale=None):
-    return _paged(q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, None, 0.0, None,
+    return paged_with(q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, None, 0.0, None,
                   length=lambda n, lens: max(lens))  # fmt: skip
 
 
 def split_no_rescale(q, k_cache, v_cache, *, block_table, cache_seqlens, causal=True, scale=None):
-    return _paged(q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, None, 0.0, None,
+    return paged_with(q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, None, 0.0, None,
                   attend=_split_with(merge_no_rescale))  # fmt: skip
 
 
 def split_average(q, k_cache, v_cache, *, block_table, cache_seqlens, causal=True, scale=None):
-    return _paged(q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, None, 0.0, None,
+    return paged_with(q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, None, 0.0, None,
                   attend=_split_with(merge_average))  # fmt: skip
 
 
 def query_at_zero(q, k_cache, v_cache, *, block_table, cache_seqlens, causal=True, scale=None):
-    return _paged(q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, None, 0.0, None, top_left=True)
+    return paged_with(q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, None, 0.0, None, top_left=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

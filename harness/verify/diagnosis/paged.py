@@ -12,8 +12,15 @@ Each names what it measured, in this order:
     neighbours  one sequence's own slots (and queries) changed: no other sequence may move: block_table
     addresses   transformers on keys read through a mistaken address (page j + 1 or j - 1, token t + 1 or t - 1):
                 matched, block_table
+    map         q = k = 0 (every score equal) and each slot's value one-hot by what it is to a sequence (each of
+                its tokens, the tail of its last page, its table's entries past its pages, other sequences' slots,
+                blocks nobody owns): the weights read off which slots it reads and how often; a token never read
+                (not the last ones) or a slot it does not own is block_table, its last keys missed or slots past
+                its length read is seqlens
     NaN         NaN only in the tails of the sequences' last pages, then only in blocks nobody owns: NaN in a
-                sequence's output is seqlens (it reads past its length), block_table (it reads a page it does not own)
+                sequence's output is seqlens (it reads past its length), block_table (it reads a page it does not
+                own); also when the probe batch is answered right but the failing outputs hold NaN (slots read and
+                masked after: 0 x NaN is NaN)
     split       one key holds all the attention (a score 40 above the rest): sequences short enough to fit one part
                 give its value, longer ones lose weight to other parts: the partial results are merged wrongly,
                 split_merge
@@ -169,6 +176,84 @@ def addresses_probe(x, out, call, s, right) -> Diagnosis | None:
     return None
 
 
+MAP_D = 128  # the address map's head_dim: a channel per token (C of them per call), one for the tokens of the other
+# calls, one per class of slot a sequence does not own:
+CLASSES = ("the tail of its last page, past its length", "blocks its table row points at past its pages",
+           "slots other sequences own", "blocks no sequence owns")
+C = MAP_D - 1 - len(CLASSES)
+
+
+def slot_classes(x: PagedInputs, b: int, chunk: int) -> torch.Tensor:
+    """(num_blocks, page) long: the channel each slot's value lights for sequence b's map: its own tokens
+    chunk * C .. chunk * C + C - 1 one each, its other tokens C, then CLASSES."""
+    n = int(x.cache_seqlens[b])
+    cls = torch.full(x.owned.shape, C + 4)  # blocks no sequence owns
+    cls[x.owned] = C + 3  # other sequences' slots
+    pages = -(-n // x.page)
+    cls[x.block_table[b, :pages].long()] = C + 1  # its own blocks: the tail, until its tokens are written below
+    cls[x.block_table[b, pages:].long()] = C + 2
+    t = torch.arange(n)
+    cls[addresses(x.block_table, b, n, x.page)] = torch.where(t // C == chunk, t % C, C)
+    return cls
+
+
+def read_map(x: PagedInputs, b: int, call, s) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the weight sequence b's last query gives each of its tokens, the weight on each of CLASSES), every score
+    equal (q = k = 0) and each slot's value one-hot by its channel (slot_classes): 1 / length on each own token and
+    nothing elsewhere is right."""
+    n = int(x.cache_seqlens[b])
+    own, extra = torch.zeros(n, dtype=torch.float64), None
+    for chunk in range(-(-n // C)):
+        v = torch.nn.functional.one_hot(slot_classes(x, b, chunk), MAP_D).float()  # (num_blocks, page, MAP_D)
+        v = v[:, :, None].expand(*x.owned.shape, s.Hkv, MAP_D).contiguous()  # (num_blocks, page, Hkv, MAP_D)
+        probe = replace(x, q=torch.zeros(*x.q.shape[:3], MAP_D), k_cache=torch.zeros_like(v), v_cache=v)
+        out, _ = call(probe, causal=s.causal, scale=None)
+        w = out[b, :, -1].double().mean(0)  # (MAP_D,): the last query sees every key; heads alike
+        own[chunk * C : (chunk + 1) * C] = w[: min(C, n - chunk * C)]
+        extra = w[C + 1 :] if extra is None else extra  # the same in every call
+    return own, extra
+
+
+def address_map_probe(x, out, call, s) -> Diagnosis | None:
+    """Which slots each sequence reads, and how often (read_map): slots it does not own, then a token never read
+    while another is read in its place (or not only its last ones), name block_table; then only its last keys
+    missed, or slots past its length read, name seqlens."""
+    found: dict[str, Diagnosis] = {}
+    for b, n in enumerate(x.cache_seqlens.tolist()):
+        own, extra = read_map(x, b, call, s)
+        if not torch.isfinite(own).all() or not torch.isfinite(extra).all():
+            return None
+        low = 0.25 / n
+        never = [t for t in range(n) if own[t] < low]
+        read = own[own >= low]
+        uneven = bool(read.numel()) and float(read.max()) > 1.5 * float(read.min())  # one token in another's place
+        where = f"sequence {b} (length {n}, page {x.page}), every score equal"
+        share = {name: float(w) for name, w in zip(CLASSES, extra, strict=True) if w > low}
+        foreign = {k: w for k, w in share.items() if k in CLASSES[2:]}
+        if foreign:
+            what = ", ".join(f"{w:.0%} of its weight on {k}" for k, w in foreign.items())
+            found.setdefault("foreign", Diagnosis("block_table", f"{where}: {what}: token t of sequence b is at block "
+                             "block_table[b, t // page_size], slot t % page_size", "probe:address_map"))  # fmt: skip
+        suffix = bool(never) and never == list(range(n - len(never), n))
+        if never and (uneven or not suffix):
+            more = [t for t in range(n) if own[t] > 1.5 * float(read.min())] if uneven else []
+            dup = f"; tokens {more[:6]} weigh more" if more else ""
+            past = f"; {sum(share.values()):.0%} of its weight past its length" if share else ""
+            found.setdefault("address", Diagnosis("block_table", f"{where}: tokens {never[:6]}"
+                             f"{' ...' if len(never) > 6 else ''} are never read{dup}{past} (each should weigh "
+                             f"1/{n}): a token's address is off (page block_table[b, t // page_size], slot "
+                             "t % page_size)", "probe:address_map"))  # fmt: skip
+        elif suffix and not share:
+            found.setdefault("short", Diagnosis("seqlens", f"{where}: its last {len(never)} key(s) are never read: "
+                             "sequence b has cache_seqlens[b] keys, its new tokens included",
+                             "probe:address_map_short"))  # fmt: skip
+        elif share and not never:
+            what = ", ".join(f"{w:.0%} of its weight on {k}" for k, w in share.items())
+            found.setdefault("long", Diagnosis("seqlens", f"{where}: {what}: it reads past its length; bound the "
+                             "keys by cache_seqlens[b]", "probe:address_map_long"))  # fmt: skip
+    return next((found[k] for k in ("foreign", "address", "short", "long") if k in found), None)
+
+
 def nan_probe(x, out, call, s) -> Diagnosis | None:
     """NaN where only a read past a sequence's length, then only a read of a block nobody owns, can find it."""
     if not torch.isfinite(out).all():
@@ -229,16 +314,19 @@ def split_probe(call, s) -> Diagnosis | None:
 
 
 def probe_paged(runs: dict, failing: list[str], call) -> Diagnosis | None:
-    """The probes in order on the probe batch; None when it is answered right or no probe names the failure."""
+    """The probes in order on the probe batch; None when no probe names the failure. A probe batch answered right:
+    only the NaN probe, when the failing outputs hold NaN (a kernel that reads unowned slots and masks them after)."""
     s = probe_scenario(runs, failing)
     x = build(s, fill="random")
     out, _ = call(x, causal=s.causal, scale=None)
     right = truth(x, s)
     if max(seq_err(out, right)) <= GATE:
-        return None
+        nan = any(not torch.isfinite(runs[n].out).all() for n in failing)
+        return ask(lambda: nan_probe(x, out, call, s)) if nan else None
     for probe in (lambda: permute_probe(x, out, call, s), lambda: lengths_probe(x, out, call, s, right),
                   lambda: neighbours_probe(x, out, call, s), lambda: addresses_probe(x, out, call, s, right),
-                  lambda: nan_probe(x, out, call, s), lambda: split_probe(call, s)):  # fmt: skip
+                  lambda: address_map_probe(x, out, call, s), lambda: nan_probe(x, out, call, s),
+                  lambda: split_probe(call, s)):  # fmt: skip
         found = ask(probe)
         if found is not None:
             return found
