@@ -38,7 +38,8 @@ from harness.verify.diagnosis.serving import ServingRun
 NAME = "paged"
 OPTION = "--paged"
 HELP = ("paged KV-cache kernels: built-in names or module:function, attn(q, k_cache, v_cache, *, block_table, "
-        "cache_seqlens, causal=True, scale=None, window=None, softcap=0.0, sinks=None) -> out or (out, lse)")
+        "cache_seqlens, causal=True, scale=None, window=None, softcap=0.0, sinks=None) -> out or (out, lse); a "
+        "scenario using a keyword the signature lacks is skipped")
 GRAD = None
 FAULT_CHECK = "forward"
 SERVE = "harness.verify.serve:paged"

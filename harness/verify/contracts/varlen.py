@@ -38,7 +38,7 @@ NAME = "varlen"
 OPTION = "--varlen"
 HELP = ("packed variable-length kernels: built-in names or module:function, attn(q, k, v, *, cu_seqlens_q, "
         "cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True, scale=None, window=None, softcap=0.0, sinks=None) "
-        "-> out or (out, lse)")  # fmt: skip
+        "-> out or (out, lse); a scenario using a keyword the signature lacks is skipped")  # fmt: skip
 GRAD = None
 FAULT_CHECK = "forward"
 SERVE = "harness.verify.serve:varlen"
