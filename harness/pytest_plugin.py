@@ -36,10 +36,12 @@ from pathlib import Path
 import pytest
 
 NAME = "attention-verify"  # the root node; its id is the first part of every item's
-KINDS = {"impl": "layer", "module": "module", "core": "core"}  # entry key / option suffix -> contract (verify's)
-CHECKS = {"core": ("forward", "lse")}  # per contract, the checks of a case (default: forward only)
+KINDS = {"impl": "layer", "module": "module", "core": "core", "paged": "paged", "varlen": "varlen"}  # entry key /
+# option suffix -> contract (verify's)
+KERNELS = ("core", "paged", "varlen")  # the contracts whose code returns out or (out, lse)
+CHECKS = {c: ("forward", "lse") for c in KERNELS}  # per contract, the checks of a case (default: forward only)
 WEEK_S = 7 * 24 * 3600  # the longest --attention-timeout, as verify's (harness.common.WEEK_S; not imported: torch)
-OPTIONAL = {("core", "lse")}  # checks the code may decline to give (a kernel that returns out only)
+OPTIONAL = {(c, "lse") for c in KERNELS}  # checks the code may decline to give (a kernel that returns out only)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # run.DTYPES, named without importing torch
 
 

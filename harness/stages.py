@@ -25,6 +25,11 @@ STAGES = (
     "accumulation_precision",
     "tiling",
     "lse",
+    # the serving path (--paged, --varlen): which keys a sequence reads, and how split partial results combine
+    "block_table",
+    "seqlens",
+    "varlen_boundary",
+    "split_merge",
     "output_projection",
     # the serving path (--paged, --varlen)
     "block_table",

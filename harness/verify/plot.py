@@ -65,7 +65,10 @@ def draw(v, evidence: dict, fixture) -> bytes:
 
     name = _worst(evidence, v)
     r = evidence[name]
-    if hasattr(r, "c"):  # a kernel: (B, H, Sq, d) outputs, the heads are there already
+    if hasattr(r, "c") and r.out.dim() == 3:  # a varlen kernel: (total_q, H, d), the packed rows as positions
+        err = (r.out.double() - r.c.ref64).abs().amax(-1)  # (total_q, H)
+        own = (r.c.ref.double() - r.c.ref64).abs().amax(-1).amax(-1)  # (total_q,)
+    elif hasattr(r, "c"):  # a kernel (core, paged): (B, H, Sq, d) outputs, the heads are there already
         err = (r.out.double() - r.c.ref64).abs()[0].amax(-1).T  # (Sq, H)
         own = (r.c.ref.double() - r.c.ref64).abs()[0].amax(-1).amax(0)  # (Sq,)
     else:

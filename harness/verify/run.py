@@ -5,8 +5,9 @@
     -> comparison (tolerance policy) -> diagnosis of a failing one -> report (table, verdict lines, JSON)
 
 Layers (`--impl`) and modules (`--module`) run on every fixture; kernels (`--core`) on the kernel scenario matrix
-(kernels.py). Also two checks of the reference itself per fixture: HF eager vs HF sdpa, and HF eager vs the
-fixture's stored golden output (drift in transformers).
+(kernels.py), paged and varlen kernels (`--paged`, `--varlen`) on theirs (paged_cases.py, varlen_cases.py). With no
+contract option, every built-in of every contract. Also two checks of the reference itself per fixture: HF eager vs
+HF sdpa, and HF eager vs the fixture's stored golden output (drift in transformers).
 
 A fault is a verdict, never a pass: an exception is stage `crash` (its traceback in the JSON), a worker that exits
 or dies is `crash` with its exit code or signal, a call past --timeout is `timeout` (the worker killed), a wrong

@@ -99,3 +99,20 @@ def core_gradients(code, q, k, v, causal, scale, mask, g, **kw) -> list:
 def core_grad(code, header: dict, t: dict, state: dict):
     return tuple(core_gradients(code, t["q"], t["k"], t["v"], header["causal"], header["scale"],
                                 t.get("attention_mask"), t["g"], **features(header, t)))  # fmt: skip
+
+
+def paged(code, header: dict, t: dict, state: dict):
+    """attn(q, k_cache, v_cache, *, block_table, cache_seqlens, causal=True, scale=None[, window, softcap, sinks])"""
+    with torch.no_grad():
+        return code(t["q"], t["k_cache"], t["v_cache"], block_table=t["block_table"],
+                    cache_seqlens=t["cache_seqlens"], causal=header["causal"], scale=header["scale"],
+                    **features(header, t))  # fmt: skip
+
+
+def varlen(code, header: dict, t: dict, state: dict):
+    """attn(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True, scale=None[, window,
+    softcap, sinks])"""
+    with torch.no_grad():
+        return code(t["q"], t["k"], t["v"], cu_seqlens_q=t["cu_seqlens_q"], cu_seqlens_k=t["cu_seqlens_k"],
+                    max_seqlen_q=header["max_seqlen_q"], max_seqlen_k=header["max_seqlen_k"],
+                    causal=header["causal"], scale=header["scale"], **features(header, t))  # fmt: skip

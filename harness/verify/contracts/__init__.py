@@ -32,6 +32,8 @@ REGISTRY: dict[str, str] = {
     "core": "harness.verify.contracts.core",
     "layer_grad": "harness.verify.contracts.layer_grad",
     "core_grad": "harness.verify.contracts.core_grad",
+    "paged": "harness.verify.contracts.paged",
+    "varlen": "harness.verify.contracts.varlen",
 }
 
 
