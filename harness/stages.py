@@ -31,11 +31,6 @@ STAGES = (
     "varlen_boundary",
     "split_merge",
     "output_projection",
-    # the serving path (--paged, --varlen)
-    "block_table",
-    "seqlens",
-    "split_merge",
-    "varlen_boundary",
     "nonfinite",
     "unknown",
     # the backward pass (verify --grad)

@@ -37,9 +37,6 @@ FALLBACKS = {"unknown", "grad_unknown"}
 # Named from the diagnosis's own probes and patterns (a wrong single token, the stage-by-stage intermediates), never
 # from a catalog suspect: its bugs are all held out
 PROBED_ONLY = {"projection"}
-# The serving path's stages (issue 27): their catalog bugs come with the catalog's own change; until then the bugs
-# of tests/plugins/paged_ref.py (tests/test_paged_contract.py) are their cover. Remove this set with that change.
-SERVING = {"block_table", "seqlens", "varlen_boundary", "split_merge"}
 
 
 def test_catalog():
@@ -50,9 +47,9 @@ def test_catalog():
     # every stage the diagnosis can be tuned on has a suspect (a bug not held out) to be tuned on, and the mutation
     # suite scores every stage but the fallbacks
     tuned = {b.stage for b in CATALOG if not b.held_out}
-    assert set(STAGES) - FALLBACKS - PROBED_ONLY - SERVING <= tuned, set(STAGES) - FALLBACKS - PROBED_ONLY - tuned
+    assert set(STAGES) - FALLBACKS - PROBED_ONLY <= tuned, set(STAGES) - FALLBACKS - PROBED_ONLY - tuned
     assert not tuned & PROBED_ONLY, tuned & PROBED_ONLY  # else it is no longer named from probes only: move it
-    covered = {b.stage for b in CATALOG} | SERVING
+    covered = {b.stage for b in CATALOG}
     assert set(STAGES) - FALLBACKS == covered, set(STAGES) - FALLBACKS ^ covered
     for b in CATALOG:
         assert b.stage in STAGES and b.stage != "unknown" and b.bug and b.hint, b
