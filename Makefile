@@ -22,10 +22,10 @@ SYNTH      := $(patsubst %,fixtures/%-synthetic/manifest.json,llama-3.2-1b rope-
 # layer (0) and a full-attention one (5); made here, never committed (.gitignore), the Gemma Terms beside them
 GEMMA      := fixtures/gemma3-270m/manifest.json fixtures/gemma3-270m-global/manifest.json
 
-.PHONY: setup upgrade-check lock verify verify-quick verify-grad e2e plot mutants bench bench-quick bench-window test test-fast test-gate extract synthetic lint graph clean help
+.PHONY: setup upgrade-check lock verify verify-quick verify-grad e2e plot mutants bench bench-quick bench-window bench-paged test test-fast test-gate extract synthetic lint graph clean help
 
 help:
-	@echo "make setup | upgrade-check | lock | verify | verify-quick | verify-grad | e2e [MODEL=...] [IMPLS=...] | plot | mutants | bench [BENCH_ARGS=...] | bench-quick | bench-window | test | test-fast | test-gate | extract [SOURCE=...] [LAYER=N] | lint | graph | clean"
+	@echo "make setup | upgrade-check | lock | verify | verify-quick | verify-grad | e2e [MODEL=...] [IMPLS=...] | plot | mutants | bench [BENCH_ARGS=...] | bench-quick | bench-window | bench-paged | test | test-fast | test-gate | extract [SOURCE=...] [LAYER=N] | lint | graph | clean"
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -103,6 +103,13 @@ bench-quick: $(STAMP)
 bench-window: $(STAMP)
 	$(PY) scripts/bench.py --seq 4096 16384 --impl tiled,triton,sdpa --window 512 --json docs/bench-window.json \
 		--doc docs/bench-window.md $(BENCH_ARGS)
+
+# docs/bench-paged.md: one paged decode step (Llama-3.2-1B's heads, 4 sequences of 1k, 8k, 32k tokens, pages of 16,
+# float32) against its limit, each sequence's K and V read once: traffic / KV-cache bytes of paged_triton (counted in
+# Triton's interpreter, closed form past its budget), paged_naive, paged_split; time per step of the PyTorch built-ins
+# (about 2 minutes on 2 cores)
+bench-paged: $(STAMP)
+	$(PY) scripts/bench.py --paged --json docs/bench-paged.json --doc docs/bench-paged.md $(BENCH_ARGS)
 
 # docs/attention.png: layer 0's attention probabilities for a real prompt, ours vs transformers
 plot: $(STAMP)

@@ -9,4 +9,6 @@
     plan.py            can a configuration run here (memory computed on the meta device, time projected)?
     run.py             measure every planned configuration
     report.py          the table, the targets, the JSON, the figure, the docs block; the command line
+    paged.py           `bench --paged`: a paged decode step's traffic against the KV-cache bytes it must read, and
+                       its time, for impl.PAGED (docs/bench-paged.md)
 """

@@ -165,13 +165,17 @@ def nbytes(t: torch.Tensor) -> int:
 
 _ALLOC_ONLY = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "empty_permuted"}
 _OVERWRITE = {"copy_", "fill_", "zero_", "normal_", "uniform_", "random_"}  # write self without reading it
+# Gathers read the elements they select, not their whole source: a paged cache's pool is far larger than the rows a
+# sequence's gather picks (at most the source: an index may pick a row twice, a GPU's cache serves the second)
+_GATHER = {"index", "index_select", "gather", "take", "embedding"}
 
 
 class Meter(TorchDispatchMode):
     """Sums, over every aten op, the bytes of its tensor inputs (read) and outputs (written) -> `traffic`.
 
     Views (outputs sharing an input's storage, op not in place) move nothing and count zero; in-place ops read
-    and write self; copy_/fill_ and out= arguments are written, not read; empty() allocates and writes nothing.
+    and write self; copy_/fill_ and out= arguments are written, not read; empty() allocates and writes nothing; a
+    gather (index, index_select, gather, take, embedding) reads from its source only the bytes it outputs.
     Also tracks the storages created inside (freed when Python drops them) -> `tensor_peak`: the most bytes of
     tensors alive at once, inputs excluded. It sees tensors only (not kernels' internal scratch), which is why the
     measured peak is the RSS high-water mark and this is the computed one, for calls that cannot run.
@@ -204,7 +208,10 @@ class Meter(TorchDispatchMode):
         dest = {id(t) for t in pytree.tree_leaves(kwargs.get("out")) if isinstance(t, torch.Tensor)}
         if name in _OVERWRITE and ins:
             dest.add(id(args[0]))
-        self.traffic += sum(nbytes(t) for t in ins if id(t) not in dest)
+        src = args[0] if name in _GATHER and args and isinstance(args[0], torch.Tensor) else None
+        self.traffic += sum(nbytes(t) for t in ins if id(t) not in dest and t is not src)
+        if src is not None:  # the selected elements only
+            self.traffic += min(nbytes(src), sum(nbytes(t) for t in outs))
         if name not in _ALLOC_ONLY:
             self.traffic += sum(nbytes(t) for t in outs)
         for t in outs:

@@ -6,10 +6,11 @@ docs/bench.md's generated block.
 from __future__ import annotations
 
 import io
+import sys
 import time
 from pathlib import Path
 
-from harness.bench import cases
+from harness.bench import cases, paged
 from harness.bench.cases import BACKWARD, BACKWARD_ROWS, CORE, INTERPRETED, LAYER, io_model, llama_config, shape_of
 from harness.bench.meter import human
 from harness.bench.run import MAX_INTERPRETED_S, QUICK_SEQS, TIME_INTERPRETED, Options, Row, run
@@ -289,12 +290,18 @@ def parser() -> Parser:
     p.add_argument("--plot", type=Path, help="write the figure here (default for a full run: docs/bench.png)")
     p.add_argument("--doc", type=Path, help="fill this page's generated block with the rows and targets (default for "
                                             "a full run: docs/bench.md)")  # fmt: skip
+    p.add_argument("--paged", action="store_true",
+                   help="the paged decode bench instead: traffic / KV-cache bytes and time per step of the paged "
+                        "built-ins (its own options: bench --paged --help; make bench-paged)")  # fmt: skip
     p.add_argument("--replot", type=Path, metavar="JSON",
                    help="measure nothing: redraw the figure (--plot, default docs/bench.png) from --json rows")
     return p
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--paged" in argv:  # the paged decode bench: its own options (harness/bench/paged.py)
+        return paged.main([t for t in argv if t != "--paged"])
     a = parser().parse_args(argv)
     if a.replot:
         return replot(a.replot, output_path(a.plot or DOCS_PNG, "--plot"))
