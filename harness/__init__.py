@@ -3,7 +3,7 @@
 Five pipelines, one subpackage each, every module read in the order it runs:
 
     fixtures/  a checkpoint's layer -> fixtures/<name>/ (format, extraction, the sources it reads)
-    verify/    implementations vs transformers' LlamaAttention: scenarios -> references -> runs -> comparison
+    verify/    implementations vs each family's transformers attention: scenarios -> references -> runs -> comparison
                -> diagnosis -> report (the main job, `make verify`)
     bugs/      one catalog of attention bugs on one textbook pipeline: the diagnosis's suspects, the mutation
                suite and the tests' broken implementations all come from it

@@ -1,6 +1,6 @@
 """The one command line: `attention-verify COMMAND ...` or `python -m harness COMMAND`.
 
-    verify    implementations vs transformers' LlamaAttention on every fixture (the main job)
+    verify    implementations vs each family's transformers attention on every fixture (the main job)
     list      fixtures, implementations, scenarios
     fixtures  each fixture and where it is (committed, cached, not yet made); `fixtures make` makes the synthetic ones
     fixture   load and check one fixture, print its summary

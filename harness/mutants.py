@@ -22,9 +22,11 @@ from harness.verify.run import DTYPES, builtin, resolve_fixtures, verify
 MIN_TUNED_STAGE = 0.9  # of the tuned bugs, the share whose stage the verdict must name
 
 # Real weights first (fast, GQA 9/3), then Llama-3.2-1B's exact config (llama3 RoPE scaling, 32/8 heads), then the
-# small Llama-shaped configs with linear, dynamic and yarn scaling (what only a scaled rope type can show).
+# small Llama-shaped configs with linear, dynamic and yarn scaling (what only a scaled rope type can show), then the
+# families (a bug of a family's field waits for the first fixture that has the field: Bug.shows).
 DEFAULT_FIXTURES = ["smollm2-135m", "llama-3.2-1b-synthetic", "rope-linear-synthetic", "rope-dynamic-synthetic",
-                    "rope-yarn-synthetic"]  # fmt: skip
+                    "rope-yarn-synthetic", "qwen3-synthetic", "qwen2-synthetic", "gemma2-synthetic",
+                    "gpt-oss-synthetic", "phi3-synthetic", "gemma3-270m", "gemma3-270m-global"]  # fmt: skip
 
 
 @dataclass
@@ -60,9 +62,11 @@ def run_mutants(fixtures, bugs: list[Bug] = CATALOG, log=print, cache=None) -> l
                 f"{sum(b.name in found for b in cores)} caught, {time.perf_counter() - t0:.0f} s")  # fmt: skip
         for f in fixtures:
             todo = [b for b in bugs if b.name not in found and b.contract == "layer" and b.kind == kind
-                    and b.shows(f.config)]  # a bug that cannot show on this fixture waits for one where it can
+                    and b.shows(f.layer_config)]  # a bug that cannot show on this fixture waits for one where it can
             if not todo:
-                break
+                if not any(b.name not in found and b.contract == "layer" and b.kind == kind for b in bugs):
+                    break
+                continue  # what is left cannot show here: a later fixture has its field
             t0 = time.perf_counter()
             rows, verdicts = verify([f], [(b.name, b.layer()) for b in todo], set(DTYPES.values()), quick=False,
                                     log=lambda *_: None, cache=cache, grad=grad)  # fmt: skip

@@ -6,9 +6,12 @@ diagnosis names one of these for a failing implementation, and the mutation suit
 
 STAGES = (
     "projection",
+    "qkv_bias",
     "head_layout",
+    "qk_norm",
     "gqa",
     "rope",
+    "partial_rotary",
     "rope_frequencies",
     "rope_precision",
     "scale",

@@ -15,6 +15,7 @@ then back to the input dtype; float64 inputs run everything in float64 (an exact
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from impl import rope
 
@@ -47,10 +48,10 @@ def merge_heads(t: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weights: dict, name: str, rows: slice = slice(None)) -> torch.Tensor:
-    """x W^T (+ b where weights has `name.bias`), for the output rows `rows` of W (a head's slice; all by default)."""
-    y = x @ weights[name][rows].T  # (..., out)
+    """x W^T (+ b where weights has `name.bias`), for the output rows `rows` of W (a head's slice; all by default).
+    One fused addmm with the bias, as nn.Linear computes it: in bfloat16 a separate `+ b` rounds twice."""
     b = weights.get(name + ".bias")
-    return y if b is None else y + b[rows]
+    return F.linear(x, weights[name][rows], None if b is None else b[rows])  # (..., out)
 
 
 def rms_norm(t: torch.Tensor, w: torch.Tensor, config: dict) -> torch.Tensor:

@@ -53,7 +53,7 @@ from torch.autograd.function import once_differentiable
 from impl import layer
 from impl.tiled_backward import flash_backward
 from impl.tiled_forward import flash_forward
-from impl.tiles import BLOCK_K, BLOCK_Q, FORWARD_BLOCK_K
+from impl.tiles import BLOCK_K, BLOCK_Q, FORWARD_BLOCK_K, forward_heads
 
 __all__ = ["BLOCK_K", "BLOCK_Q", "FORWARD_BLOCK_K", "FlashAttention", "attention", "core", "flash_backward",
            "flash_forward"]  # fmt: skip
@@ -83,8 +83,10 @@ class FlashAttention(torch.autograd.Function):
             return (None,) * 6
         if dout is None:  # only lse was used
             dout = torch.zeros_like(out)
+        o = ctx.opts
+        n = forward_heads(q.shape[0] * k.shape[1], q.shape[1] // k.shape[1], o["block_q"], o["block_k"], q.dtype)
         grads = flash_backward(q, k, v, out, lse, dout, dlse, attention_mask, sinks=sinks,
-                               needs=ctx.needs_input_grad[:4], **ctx.opts)  # fmt: skip
+                               needs=ctx.needs_input_grad[:4], score_heads=n, **o)  # fmt: skip
         return (*grads, None, None)  # dq, dk, dv, dsinks; none for attention_mask and the options
 
 

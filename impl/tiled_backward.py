@@ -34,18 +34,19 @@ from impl.tiles import (
     key_blocks,
     mask_tile,
     padding_bias,
-    score_tile,
+    score_tiles,
     sink_rows,
 )
 
 
 def flash_backward(q, k, v, out, lse, dout, dlse=None, attention_mask=None, *, block_q=BLOCK_Q, block_k=BLOCK_K,
                    causal=True, scale=None, window=None, softcap=0.0, sinks=None,
-                   needs=(True, True, True, False)):  # fmt: skip
+                   needs=(True, True, True, False), score_heads=None):  # fmt: skip
     """Gradients of (out, lse) = flash_forward(q, k, v, ...): (dq, dk, dv, dsinks) in the inputs' dtypes.
 
     out, lse are the forward's results, dout (B, H, Sq, d) and dlse (B, H, Sq) or None the incoming gradients;
-    needs says which of dq, dk, dv, dsinks to compute (the others are returned as None and their work skipped).
+    needs says which of dq, dk, dv, dsinks to compute (the others are returned as None and their work skipped);
+    score_heads: the forward's score GEMM batch (tiles.forward_heads), so that S is recomputed bit for bit.
     """
     B, H, Sq, d = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -96,7 +97,7 @@ def flash_backward(q, k, v, out, lse, dout, dlse=None, attention_mask=None, *, b
 
         for j0, j1 in key_blocks(i0, i1, offset, Sk, left, right, block_k):  # exactly the forward's blocks
             # 1. P_ij = exp(S_ij - lse_i), the scores exactly as in the forward (capped, masked the same way)
-            s = score_tile(qi, kk[:, j0:j1].transpose(1, 2), alpha, same)  # (B*Hkv, g*bq, bk)
+            s = score_tiles(qi, kk[:, j0:j1].transpose(1, 2), alpha, same, score_heads or N)  # (B*Hkv, g*bq, bk)
             t = None
             if softcap:
                 t = s.tanh_()  # tanh(X / c), kept for its derivative

@@ -104,6 +104,23 @@ def score_tile(qi, kT, alpha: float, same: bool):
     return torch.bmm(qi, kT).float().mul_(alpha)
 
 
+def forward_heads(N: int, g: int, block_q: int | None, block_k: int | None, dtype) -> int:
+    """How many (batch, KV head) pairs the forward's score tiles take at once (tiled_forward.py's grouping)."""
+    wide = accumulator_dtype(dtype)
+    return heads_per_tile(N, g * (block_q or BLOCK_Q), block_k or FORWARD_BLOCK_K, torch.finfo(wide).bits // 8)
+
+
+def score_tiles(qi, kT, alpha: float, same: bool, n: int):
+    """score_tile over the batch in groups of n pairs: the backward recomputes the forward's scores in the
+    forward's GEMM batches, so that they are the same bits. A batched GEMM's rounding can depend on how many
+    matrices it is given; P = exp(S - lse) must use the very S that made lse, or at scores in the thousands
+    (a float32 ulp of 0.01) P is off by exp(ulp) where the reference's gradient is exactly zero."""
+    N = qi.shape[0]
+    if n >= N:
+        return score_tile(qi, kT, alpha, same)
+    return torch.cat([score_tile(qi[h0:h0 + n], kT[h0:h0 + n], alpha, same) for h0 in range(0, N, n)])
+
+
 def sink_rows(sinks, B: int, Hkv: int, g: int, bq: int, dtype, device):
     """sinks [H] -> (B*Hkv, g*bq, 1) in dtype: each tile row's sink logit (row r of KV head j: query head
     j*g + r // bq)."""

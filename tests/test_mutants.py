@@ -70,7 +70,7 @@ def test_held_out_bugs_never_reach_the_diagnosis():
 
 def test_the_textbook_pipeline_is_correct_and_exact_in_float64():
     """Every bug is this pipeline with one step changed, so the pipeline itself must pass everything; in float64
-    it is the suspects' reference, so it must equal transformers' LlamaAttention run in float64."""
+    it is the suspects' reference, so it must equal each family's transformers attention run in float64."""
     f = resolve_fixtures(["smollm2-135m"])
     _, verdicts = verify(f, [("pipeline", pipeline.layer())], set(DTYPES.values()), quick=False, **QUIET)
     assert verdicts[-1].passed, verdicts[-1]
@@ -78,7 +78,7 @@ def test_the_textbook_pipeline_is_correct_and_exact_in_float64():
     for fx in resolve_fixtures(None):
         for name in ("sparse_positions", "left_padding"):
             x, pos, mask = scenarios.BY_NAME[name].build(fx, torch.float32)
-            ours = pipeline.float64(pipeline.layer(), x, fx.weights, pos, mask, fx.config)
+            ours = pipeline.float64(pipeline.layer(), x, fx.weights, pos, mask, fx.layer_config)
             hf = Reference64(fx.config, fx.weights, layer=fx.layer)(x, pos, mask)
             keep = mask.bool() if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool)
             assert float((ours - hf).abs()[keep].max()) < 1e-9, (fx.name, name)

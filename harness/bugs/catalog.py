@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.bugs import backward, pipeline
+from harness.bugs import family_mistakes as fm
 from harness.bugs import keywords as kw
 from harness.bugs import mistakes as m
 from harness.bugs.pipeline import layer
 from harness.bugs.tiled import core_step
+from harness.reference.family import FULL, SLIDING, family
 
 
 def always(config: dict) -> bool:
@@ -72,6 +74,59 @@ class Bug:
         D, rp = config["hidden_size"], config["rope_parameters"]
         return self.hint.format(d=d, D=D, sqrt_d=math.sqrt(d), inv_sqrt_d=d**-0.5, inv_sqrt_D=D**-0.5,
                                 factor=rp.get("factor", 1.0), theta=rp.get("rope_theta"))  # fmt: skip
+
+
+def qk_norm(config: dict) -> bool:
+    return family(config).qk_norm
+
+
+def plus_one(config: dict) -> bool:
+    return family(config).norm_plus_one
+
+
+def biased(config: dict) -> bool:
+    """q/k/v biases: Qwen2 always, the others where attention_bias is set."""
+    f = family(config)
+    return f.biases == "qkv" or (f.biases == "config" and bool(config.get("attention_bias")))
+
+
+def o_biased(config: dict) -> bool:
+    return family(config).biases == "config" and bool(config.get("attention_bias"))
+
+
+def pre_attn_scalar(config: dict) -> bool:
+    """query_pre_attn_scalar unequal to head_dim (Gemma-2-27B's 144 with head_dim 128)."""
+    q = config.get("query_pre_attn_scalar")
+    return bool(q) and q != (config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def capped(config: dict) -> bool:
+    return bool(config.get("attn_logit_softcapping"))
+
+
+def sinks(config: dict) -> bool:
+    return family(config).sinks
+
+
+def sliding(config: dict) -> bool:
+    return bool(config.get("sliding_window")) and config.get("layer_type") == SLIDING
+
+
+def full_beside_sliding(config: dict) -> bool:
+    """A full-attention layer of a model that also has sliding ones."""
+    return bool(config.get("sliding_window")) and config.get("layer_type") == FULL
+
+
+def partial(config: dict) -> bool:
+    rp = config.get("rope_parameters") or {}
+    return rp.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) < 1.0
+
+
+def local_rope(config: dict) -> bool:
+    """A sliding layer whose rope parameters differ from the full layers' (Gemma 3: base 10000 against 1e6)."""
+    rp = config.get("rope_parameters") or {}
+    return config.get("layer_type") == SLIDING and isinstance(rp.get(SLIDING), dict) and rp.get(SLIDING) != rp.get(
+        FULL)
 
 
 def rope_type(kind: str):
@@ -271,6 +326,44 @@ CATALOG: list[Bug] = [
     Bug("lse_without_sink", "sinks", "out right; lse the log of the keys' sum, the sink left out",
         "lse must include the sink: log(exp(sinks[h]) + sum_j exp(s_j))", fn=kw.lse_without_sink, contract="core",
         **HELD),
+    # the families' fields (family_mistakes.py): q/k norms, biases, scale, window, softcap, sinks, partial rotary
+    Bug("qk_norm_all_heads", "qk_norm", "q/k RMSNorm over all heads at once (OLMo-2 style) on a per-head model",
+        "q/k look normalised over all heads at once: normalise each head over its own head_dim",
+        {"norm": fm.norm_all_heads}, shows=qk_norm),
+    Bug("qk_norm_after_rope", "qk_norm", "q_norm/k_norm applied after RoPE", "apply q_norm/k_norm before RoPE",
+        fn=fm.norm_after_rope, shows=qk_norm, **HELD),
+    Bug("qk_norm_gain_w", "qk_norm", "Gemma's (1 + w) norm gain read as w",
+        "the q/k norm gain looks applied as w: Gemma multiplies by (1 + w)", {"norm": fm.norm_other_gain},
+        shows=plus_one),
+    Bug("k_norm_missing", "qk_norm", "k_norm never applied", "apply k_norm (per head, before RoPE)",
+        fn=fm.without("k_norm"), shows=qk_norm, **HELD),
+    Bug("k_bias_missing", "qkv_bias", "k_proj's bias not loaded", "k_proj.bias looks missing: add it after k_proj",
+        fn=fm.without("k_proj.bias"), shows=biased),
+    Bug("v_bias_missing", "qkv_bias", "v_proj's bias not loaded", "add v_proj.bias", fn=fm.without("v_proj.bias"),
+        shows=biased, **HELD),
+    Bug("o_bias_missing", "output_projection", "o_proj's bias not loaded",
+        "o_proj.bias looks missing: add it after o_proj", fn=fm.without("o_proj.bias"), shows=o_biased),
+    Bug("query_pre_attn_scalar_ignored", "scale", "scores scaled by 1/sqrt(head_dim), query_pre_attn_scalar ignored",
+        "scale the scores by query_pre_attn_scalar ** -0.5", {"keywords": fm.with_keywords(fm.head_dim_scale)},
+        shows=pre_attn_scalar),
+    Bug("local_layer_global_rope", "rope_frequencies", "Gemma 3's local layers rotated with the global RoPE base",
+        "take rope_parameters[layer_type]: local layers use their own base", {"tables": fm.rope_of(FULL)},
+        shows=local_rope),
+    Bug("partial_rotary_all_dims", "partial_rotary", "partial_rotary_factor ignored: every channel rotated",
+        "rotate only the first partial_rotary_factor * head_dim channels", fn=fm.rotate_all, shows=partial),
+    Bug("partial_rotary_last_dims", "partial_rotary", "the last rotary_dim channels rotated, not the first",
+        "rotate the first rotary_dim channels", {"rotate": fm.rotate_last}, shows=partial, **HELD),
+    Bug("window_missing_on_sliding", "sliding_window", "sliding layers attend to every earlier key",
+        "apply sliding_window on sliding_attention layers", {"keywords": fm.with_keywords(fm.no_window)},
+        shows=sliding),
+    Bug("window_on_full_layers", "sliding_window", "the sliding window applied on full-attention layers too",
+        "only layer_type sliding_attention is windowed", {"keywords": fm.with_keywords(fm.window_everywhere)},
+        shows=full_beside_sliding, **HELD),
+    Bug("gemma2_softcap_missing", "softcap", "attn_logit_softcapping never applied (Gemma 2)",
+        "cap the scores: softcap tanh(s / softcap), after the scale", {"keywords": fm.with_keywords(fm.no_softcap)},
+        shows=capped),
+    Bug("sinks_dropped", "sinks", "GPT-OSS's sinks never loaded: a plain softmax",
+        "add each head's sink logit to the softmax's denominator", fn=fm.without("sinks"), shows=sinks),
     # the backward pass: a right forward, one mistake in the gradients (verify --grad)
     _grad("no_D", "grad_softmax", "dS = P * dP: the D = rowsum(dO * O) term missing",
           "the softmax backward looks like dS = P * dP: subtract D = rowsum(dO * O), dS = P * (dP - D)"),

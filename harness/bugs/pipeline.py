@@ -1,11 +1,16 @@
-"""Llama attention as a textbook pipeline whose every step can be swapped: the one place bugs are written.
+"""Attention as a textbook pipeline whose every step can be swapped: the one place bugs are written.
 
-    1. projection   q, k, v = x W^T, split into heads (view + transpose); RoPE tables at position_ids; rotate q, k
+One pipeline for every family (impl/layer.py's): what runs is read from the config and the weights.
+    1. projection   q, k, v = x W^T (+ b where the weights have biases), split into heads (view + transpose); q/k
+                    RMSNorm per head where the weights have q_norm/k_norm (Qwen3, Gemma 3); RoPE tables at
+                    position_ids with the layer's rope parameters (partial rotary: the first rotary_dim channels)
     2. scores       each query head against its KV head (repeat_interleave), q k^T / sqrt(head_dim)
     3. mask/softmax causal + padding (1 = token), softmax over the keys, fully masked rows -> 0
                     (kernels, the core contract, also: the scores capped (softcap) after the scale, a sliding window
                     ANDed with the mask, one sink logit per query head in the softmax's denominator)
-    4. aggregation  probabilities @ v, merge heads, o_proj
+                    (layers: the same keywords, from the config and weights as impl/layer.py reads them: the
+                    window on sliding layers, query_pre_attn_scalar's scale, attn_logit_softcapping, sinks)
+    4. aggregation  probabilities @ v, merge heads, o_proj (+ its bias)
 
 Built from impl/'s pieces. Every step works in the input's dtype with at least float32 for RoPE and the softmax,
 so the same pipeline run in float64 is an exact reference, and a bug's steps run in float64 are the diagnosis's
@@ -19,9 +24,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from impl import layer as family
 from impl import masks, rope
 from impl.gqa import repeat_kv
-from impl.projection import heads, output, rope_tables, split_heads
+from impl.projection import heads, linear, output, rms_norm, rope_tables, split_heads
 
 
 def acc(t: torch.Tensor) -> torch.dtype:
@@ -87,13 +93,28 @@ def aggregate(probs, v):
 
 
 def project(x, w, name, n, d, split):
-    return split(x @ w[name].T, n, d)  # (B, n, S, d)
+    return split(linear(x, w, name), n, d)  # (B, n, S, d), the bias added where w has `name.bias`
+
+
+def norm(q, k, w, config):
+    """q/k RMSNorm over each head's head_dim, before RoPE, where w has q_norm/k_norm; (1 + w) for Gemma."""
+    if w.get("q_norm") is not None:
+        q = rms_norm(q, w["q_norm"], config)
+    if w.get("k_norm") is not None:
+        k = rms_norm(k, w["k_norm"], config)
+    return q, k
+
+
+def keywords(config, w) -> dict:
+    """The kernel's keywords for this layer: window, scale, softcap, sinks (impl/layer.py)."""
+    return family.keywords(config, w)
 
 
 @dataclass(frozen=True)
 class Steps:
     project: Callable = project  # (x, w, name, n_heads, d, split) -> (B, n, S, d)
     split: Callable = split_heads  # (B, S, n*d) -> (B, n, S, d)
+    norm: Callable = norm  # (q, k, w, config) -> q, k normed per head (where w has q_norm/k_norm)
     tables: Callable = tables  # (config, position_ids, dtype) -> cos, sin (B, S, rd)
     rotate: Callable = rotate  # (q, k, v, cos, sin) -> q, k, v
     expand: Callable = repeat_kv  # (k, g) -> (B, H, S, d)
@@ -107,6 +128,7 @@ class Steps:
     aggregate: Callable = aggregate  # (probs, v) -> (B, H, S, d)
     core: Callable | None = None  # replaces 2-3-aggregate (tiled bugs): (q, k, v, mask, causal, scale) -> ctx
     output: Callable = output  # (ctx, weights) -> (B, S, D)
+    keywords: Callable = keywords  # (config, w) -> the kernel's window/scale/softcap/sinks for this layer
 
 
 def pipeline(steps: Steps, x, w, *, config, position_ids, attention_mask=None):
@@ -116,9 +138,10 @@ def pipeline(steps: Steps, x, w, *, config, position_ids, attention_mask=None):
     q = steps.project(x, w, "q_proj", H, d, steps.split)  # (B, H, S, d)
     k = steps.project(x, w, "k_proj", Hkv, d, steps.split)  # (B, Hkv, S, d)
     v = steps.project(x, w, "v_proj", Hkv, d, steps.split)  # (B, Hkv, S, d)
+    q, k = steps.norm(q, k, w, config)
     cos, sin = steps.tables(config, position_ids, acc(x))  # (B, S, rd)
     q, k, v = steps.rotate(q, k, v, cos, sin)
-    ctx = kernel(steps, q, k, v, attention_mask=attention_mask)  # (B, H, S, d)
+    ctx = kernel(steps, q, k, v, attention_mask=attention_mask, **steps.keywords(config, w))  # (B, H, S, d)
     # 4. merge heads, o_proj
     return steps.output(ctx, w)  # (B, S, D)
 

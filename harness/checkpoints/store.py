@@ -72,11 +72,12 @@ def _configs_in(root: Path) -> list[Path]:
 
 def _state(path: Path) -> str:
     try:
-        synthetic = bool(json.loads((path / "manifest.json").read_text()).get("synthetic"))
+        manifest = json.loads((path / "manifest.json").read_text())
+        made_here = bool(manifest.get("synthetic")) or manifest.get("redistributable") is False  # Gemma: never shipped
     except (OSError, ValueError, AttributeError):
-        synthetic = False  # a broken manifest: `load_fixture` says what is wrong with it
+        made_here = False  # a broken manifest: `load_fixture` says what is wrong with it
     shipped = common.PACKAGED_FIXTURES if not common.CHECKOUT else common.ROOT / "fixtures"
-    return COMMITTED if path.parent == shipped and not synthetic else CACHED
+    return COMMITTED if path.parent == shipped and not made_here else CACHED
 
 
 def catalog() -> list[Entry]:

@@ -2,8 +2,8 @@
 
     the loss        sum(out * g), g a fixed seeded tensor of the output's shape, zero on padding rows (their
                     outputs are never used, so nothing may flow back from them)
-    layers/modules  gradients w.r.t. x and the four weights, vs transformers' LlamaAttention (eager, in the
-                    scenario's dtype) and its sdpa path in float64 (float64 RoPE tables)
+    layers/modules  gradients w.r.t. x and the four weights, vs the family's transformers attention module
+                    (reference/: eager, in the scenario's dtype; float64 with float64 RoPE tables)
     kernels         gradients w.r.t. q, k and v (and the sinks, when given), vs transformers' functions of the kernel
                     matrix (kernel_hf.py: llama's, gemma2's, gpt_oss's eager functions; sdpa's) in the dtype and in
                     float64
@@ -21,16 +21,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
-from harness.reference import additive_mask, float64_tables, hf_config
+from harness.reference import Reference, Reference64
 from harness.verify import kernel_hf
-from harness.verify.compare import Comparison, compare
+from harness.verify.compare import PRECISION_LIMIT, Comparison, compare
 
 GRAD_TOL = 1e-3  # of the gradient's own scale (max |HF gradient|)
+FA_ULPS = 16.0  # the precision ratio's floor, in ulps of the gradient's scale: sqrt(256), the largest head_dim here
 LAYER_QUICK = ("short", "left_padding", "sparse_positions", "bfloat16")
 LAYER_FULL = LAYER_QUICK + ("one_token", "len_257", "long_2048", "scaled_x50", "zero_positions")
 KERNEL_QUICK = ("prefill_17", "chunk_17_of_300", "padding", "noncausal", "bfloat16", "window_chunk", "all_three")
@@ -55,22 +56,23 @@ def seeded_g(shape, keep: torch.Tensor | None, dtype) -> torch.Tensor:
 
 def hf_layer_grads(config: dict, weights: dict, x, pos, mask, g, dtype, float64: bool = False,
                    path: str = "eager") -> dict:  # fmt: skip
-    """{"x", "q_proj", ...}: transformers' LlamaAttention (eager or sdpa in dtype; sdpa with float64 tables in
-    float64)."""
+    """{"x", "q_proj", ...}: the family's transformers attention module (Reference: eager or sdpa in dtype;
+    Reference64 in float64), its parameters' gradients under the contract's names (Phi-3's qkv_proj split back)."""
     dt = torch.float64 if float64 else dtype
-    cfg = hf_config(config, "sdpa" if float64 else path)
-    with torch.device("meta"):
-        attn = LlamaAttention(cfg, 0).to(dt)
-    state = {f"{n}.weight": torch.nn.Parameter(weights[n].to(dt, copy=True)) for n in WEIGHTS}
-    attn.load_state_dict(state, assign=True)
+    ref = Reference64(config, weights) if float64 else Reference(config, weights, dtype=dt, attn_implementation=path)
+    params = dict(ref.attn.named_parameters())
+    for p in params.values():
+        p.requires_grad_(True)
     xx = x.to(dt).detach().requires_grad_(True)
-    B, S, _ = x.shape
     with torch.enable_grad():
-        pe = float64_tables(config, pos) if float64 else LlamaRotaryEmbedding(cfg)(xx, pos)
-        out, _ = attn(xx, position_embeddings=pe, attention_mask=additive_mask(S, S, mask, B, dt))
-        params = [getattr(attn, n).weight for n in WEIGHTS]
-        grads = torch.autograd.grad((out * g.to(dt)).sum(), [xx, *params])
-    return dict(zip(("x", *WEIGHTS), grads, strict=True))
+        out = ref.forward(xx, pos, mask)
+        grads = torch.autograd.grad((out * g.to(dt)).sum(), [xx, *params.values()], allow_unused=True)
+    got = dict(zip(params, grads[1:], strict=True))
+    if "qkv_proj.weight" in got:  # Phi-3: rows q, then k, then v
+        sizes = [weights[n].shape[0] for n in ("q_proj", "k_proj", "v_proj")]
+        got |= dict(zip(("q_proj.weight", "k_proj.weight", "v_proj.weight"), got["qkv_proj.weight"].split(sizes),
+                        strict=True))  # fmt: skip
+    return {"x": grads[0]} | {n: got[f"{n}.weight"] for n in WEIGHTS}
 
 
 def hf_kernel_grads(q, k, v, mask4, g, scale, dtype, float64: bool = False, path: str = "eager",
@@ -118,6 +120,17 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _fa_floor(c: Comparison, fa: float) -> None:
+    """The precision ratio with FlashAttention's own rounding in its floor: its backward takes D = rowsum(dO * O)
+    where autograd takes sum(P * dP), two float32 dot products over head_dim that differ by ~sqrt(head_dim) ulps of
+    |dO| |v|; where transformers' dS is exactly 0 (a softmax over one key, a saturated row) that difference is all
+    of an FA-style dq, and transformers' own error says nothing about it."""
+    if c.precision_ratio > 0 and c.precision_ratio == c.precision_ratio:  # 0: exact; NaN: not measured
+        base = c.err_vs_ref64 / c.precision_ratio if math.isfinite(c.precision_ratio) else 0.0  # HF's + floor
+        c.precision_ratio = c.err_vs_ref64 / (base + fa)
+        c.imprecise = c.passed and c.precision_ratio > PRECISION_LIMIT
+
+
 def compare_grad(name: str, r: GradRun) -> Comparison:
     got, ref, ref64 = (as_rows(d[name]) for d in (r.got, r.ref, r.ref64))
     keep = r.keep if (name == "x" and r.keep is not None) else torch.ones(got.shape[:2], dtype=torch.bool)
@@ -128,6 +141,10 @@ def compare_grad(name: str, r: GradRun) -> Comparison:
     # gradient is ill-conditioned, and two correct float32 orders of operations differ by far more than 1e-7)
     spread = None if r.ref_sdpa is None else float((as_rows(r.ref_sdpa[name]).double() - ref64).abs().max())
     c = compare(got, ref, ref64, keep, r.dtype, abs_tol=GRAD_TOL * max(scale, 1e-12), hf_err=spread)
+    if not bool(ref.any()) and not bool(ref64.any()):  # exactly zero in both (one key per row): any rounding is
+        c.precision_ratio, c.imprecise = float("nan"), False  # infinitely "less precise"; the gate is the check
+    else:
+        _fa_floor(c, FA_ULPS * torch.finfo(r.dtype).eps * scale)
     zeros = ref == 0  # where transformers' gradient is exactly zero (padded positions and keys)
     if name == "x" and r.keep is not None and bool((~r.keep).any()):
         stray = float(got.double().abs()[zeros & ~keep[..., None]].max()) if (zeros & ~keep[..., None]).any() else 0

@@ -19,8 +19,8 @@
     float64     the same functions on float64 tensors. llama's and gemma2's eager functions softmax in float32
                 whatever their input (`softmax(..., dtype=torch.float32)`): the plain float64 path is therefore
                 sdpa's (its math kernel keeps float64), and gemma2's runs with that one upcast kept in float64
-                (`float64_softmax`); every other line of it runs as written. gpt_oss's softmaxes in its input's
-                dtype: run as is.
+                (`float64_softmax`, from reference/float64.py); every other line of it runs as written. gpt_oss's
+                softmaxes in its input's dtype: run as is.
     lse         transformers returns none: the float64 logsumexp of the same scores (capped as gemma2 caps them),
                 the sink's logit one more term, over the allowed keys
 """
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from types import SimpleNamespace
 
 import torch
 from transformers import masking_utils as mu
@@ -37,6 +36,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.gemma2 import modeling_gemma2
 from transformers.models.gpt_oss import modeling_gpt_oss
 from transformers.models.llama import modeling_llama
+
+from harness.reference import float64 as reference_float64
 
 PATHS = ("eager", "float64", "sdpa")  # the scenario's dtype; float64; transformers' other path in the dtype
 
@@ -93,28 +94,9 @@ def module(H: int, Hkv: int, d: int, sinks: torch.Tensor | None = None) -> torch
     return m
 
 
-class _Functional:
-    """torch.nn.functional, but softmax keeps float64 where gemma2's function asks for float32."""
-
-    def __getattr__(self, name):
-        return getattr(torch.nn.functional, name)
-
-    @staticmethod
-    def softmax(x, dim=None, dtype=None, **kw):
-        return torch.nn.functional.softmax(x, dim=dim, dtype=torch.float64 if x.dtype == torch.float64 else dtype,
-                                           **kw)  # fmt: skip
-
-
-@contextmanager
-def float64_softmax() -> Iterator[None]:
-    """gemma2's eager function, run on float64 tensors, softmaxes in float64: its module's `nn` (read only as
-    `nn.functional.*` inside the function) stands in for torch.nn while it runs."""
-    real = modeling_gemma2.nn
-    modeling_gemma2.nn = SimpleNamespace(functional=_Functional())
-    try:
-        yield
-    finally:
-        modeling_gemma2.nn = real
+def float64_softmax():
+    """gemma2's eager function, run on float64 tensors, softmaxes in float64 (reference/float64.py)."""
+    return reference_float64.float64_softmax(modeling_gemma2)
 
 
 def forward(q, k, v, keep4, scale: float, softcap: float = 0.0, sinks: torch.Tensor | None = None,

@@ -76,7 +76,8 @@ def verify(fixtures: list[Fixture], impls: list, dtypes: set, quick: bool, log=p
 
 def main(argv=None) -> int:
     p = Parser(prog="attention-verify verify",
-               description="Verify attention implementations against transformers' LlamaAttention.")  # fmt: skip
+               description="Verify attention implementations against each family's transformers attention "
+               "(LlamaAttention, Qwen3Attention, Gemma3Attention, ...).")  # fmt: skip
     p.many("--fixture", help="fixture names or directories (default: every fixture); repeatable")
     named = contracts.with_options()  # one repeatable option per contract
     for c in named:

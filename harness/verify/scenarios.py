@@ -24,6 +24,7 @@ class Scenario:
     probe: bool = False  # used by the diagnosis (reported, but named as a probe)
     tags: frozenset = frozenset()  # what the diagnosis reads off it: "positions" (not 0..S-1), "large_scores"
     sizes: tuple = ()  # ((key, value), ...) of SIZE_KEYS over every scenario run with this one (with_sizes)
+    applies: Callable[[dict], bool] | None = None  # run only on layers whose config this accepts (None: every one)
 
 
 def hidden(f: Fixture, B: int, S: int, seed: int, scale: float = 1.0) -> torch.Tensor:
@@ -98,6 +99,27 @@ def _prompt(f, dt):
     return x.to(dt), contiguous(1, x.shape[1]), None
 
 
+def _window_edge(f, dt):
+    """Across the window: W + 17 tokens, so the first W queries see every earlier key and the last 17 see only
+    their W (a sliding layer), or every key all the same (a full layer of a model with sliding ones)."""
+    S = int(f.config["sliding_window"]) + 17
+    return hidden(f, 1, S, 17).to(dt), contiguous(1, S), None
+
+
+def _softcap_bend(f, dt):
+    """Scores where the cap bends them (inputs x4: scores of the order of attn_logit_softcapping, where
+    cap tanh(s / cap) is neither linear nor flat)."""
+    return hidden(f, 1, 48, 18, 4.0).to(dt), contiguous(1, 48), None
+
+
+def windowed(config: dict) -> bool:
+    return bool(config.get("sliding_window"))
+
+
+def capped(config: dict) -> bool:
+    return bool(config.get("attn_logit_softcapping"))
+
+
 def _zero_positions(f, dt):
     """Every position 0: RoPE becomes the identity, so only non-RoPE stages can differ."""
     S = 24
@@ -128,6 +150,10 @@ SCENARIOS: list[Scenario] = [
     Scenario("prompt", "the fixture's real prompt input", _prompt),
     Scenario("scaled_x50", "softmax stability: inputs x50, scores in the thousands", _simple(64, 6, 50.0), quick=False,
              tags=frozenset({"large_scores"})),
+    Scenario("window_edge", "the sliding window: W + 17 tokens, the last queries' earliest keys outside it (models "
+             "with sliding_window: sliding layers windowed, full ones not)", _window_edge, applies=windowed),
+    Scenario("softcap_bend", "the logit softcap: scores where cap tanh(s / cap) bends (inputs x4)", _softcap_bend,
+             applies=capped),
     Scenario("bfloat16", "half precision (bf16): float32 softmax and accumulation", _simple(32, 7), torch.bfloat16),
     Scenario("float16", "half precision (fp16)", _simple(32, 8), torch.float16, quick=False),
     Scenario("zero_positions", "probe: RoPE off (all positions 0)", _zero_positions, probe=True,
@@ -154,6 +180,8 @@ def select(fixture: Fixture, dtypes: set[torch.dtype], quick: bool, interpreted:
             continue
         if s.name == "prompt" and fixture.inputs is None:
             continue
+        if s.applies is not None and not s.applies(fixture.layer_config):
+            continue  # a family's scenario (its window, its cap) on a layer without the field
         if s.name == "long_2048" and fixture.config["hidden_size"] < 1024:
             continue  # long runs on the Llama shapes; smaller models get len_1000
         out.append(s)

@@ -3,12 +3,17 @@
     attention(x, weights, *, config, position_ids, attention_mask=None) -> [B, S, hidden_size]
 
     cases       the scenarios (verify/scenarios.py) on each fixture
-    reference   transformers' LlamaAttention in the scenario's dtype, and in float64 with float64 RoPE tables;
-                checks of the reference itself: its sdpa path against its eager path, its output against the
-                golden output stored at extraction (drift)
-    config      the fixture's, plus max_batch_size, max_seq_len and max_position: the largest batch, length and
-                position id of the scenarios that will run (what the module contract's build() sizes its caches
-                and rotary tables by; a diagnosis probe's call is told the larger of these and its own input's)
+    reference   the family's own transformers attention module (reference/: LlamaAttention, Qwen3Attention,
+                Gemma3Attention, ...) in the scenario's dtype, and in float64 with float64 RoPE tables; checks of the
+                reference itself: its sdpa path against its eager path (where transformers' sdpa computes the
+                family's attention: not with softcap or sinks), its output against the golden output stored at
+                extraction (drift)
+    config      the fixture's, plus layer_idx and layer_type ("full_attention" or "sliding_attention"), and
+                max_batch_size, max_seq_len and max_position: the largest batch, length and position id of the
+                scenarios that will run (what the module contract's build() sizes its caches and rotary tables by;
+                a diagnosis probe's call is told the larger of these and its own input's)
+    weights     q_proj, k_proj, v_proj, o_proj and the family's extras (q_proj.bias, ..., q_norm, k_norm, sinks),
+                in the scenario's dtype
     compared    the output over real (non-padding) rows, under the tolerance policy (compare.py)
     diagnosis   diagnosis/layer.py: suspects, probes, patterns; the precision diagnosis for an imprecise pass
 The module contract (module.py) is this one with a factory instead of a function.
@@ -25,7 +30,7 @@ from harness import versions
 from harness.checkpoints.format import Fixture
 from harness.checkpoints.sources.base import half_split_to_interleaved
 from harness.common import UserError, compared_rows
-from harness.reference import Reference, Reference64
+from harness.reference import Reference, Reference64, has_sdpa_path
 from harness.verify import contracts
 from harness.verify import serve as serve_fns
 from harness.verify.compare import compare as compare_tensors
@@ -68,7 +73,7 @@ def announced(f: Fixture, s) -> tuple[str, dict]:
     run. The key names the sizes too, so a worker never keeps a module built for smaller ones."""
     sized = dict(s.sizes)
     tag = "".join(f":{v}" for v in sized.values())
-    return f"{f.key}:{dtype_name(s.dtype)}{tag}", f.config | sized
+    return f"{f.key}:{dtype_name(s.dtype)}{tag}", f.layer_config | sized
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -106,9 +111,9 @@ def reference(f: Fixture, s, ctx, device="cpu") -> Case:
     if key not in cache:
         x, pos, mask = s.build(f, s.dtype)
         w = {k: v.to(device) for k, v in weights_in(f, s.dtype).items()}
-        ref = Reference(f.config, w, layer=f.layer, dtype=s.dtype)(x.to(device), pos.to(device), on(mask, device))
+        ref = Reference(f.layer_config, w, dtype=s.dtype)(x.to(device), pos.to(device), on(mask, device))
         w64 = {k: v.to(device) for k, v in f.weights.items()}
-        ref64 = Reference64(f.config, w64, layer=f.layer)(x.to(device), pos.to(device), on(mask, device))
+        ref64 = Reference64(f.layer_config, w64)(x.to(device), pos.to(device), on(mask, device))
         ref, ref64 = ref.cpu(), ref64.cpu()
         keep = compared_rows(x, mask)
         if not (torch.isfinite(ref64[keep]).all() and torch.isfinite(ref[keep]).all()):
@@ -121,12 +126,13 @@ def reference(f: Fixture, s, ctx, device="cpu") -> Case:
 
 
 def reference_rows(f: Fixture, scenarios: list, ctx, device="cpu") -> list[Row]:
-    """HF eager vs HF sdpa (a check of the reference), and HF eager vs the stored golden (drift)."""
+    """HF eager vs HF sdpa (a check of the reference, where transformers' sdpa computes the family's attention), and
+    HF eager vs the stored golden (drift)."""
     rows = []
     w = {k: v.to(device) for k, v in weights_in(f, torch.float32).items()}
-    sdpa = Reference(f.config, w, layer=f.layer, attn_implementation="sdpa")
+    sdpa = Reference(f.layer_config, w, attn_implementation="sdpa") if has_sdpa_path(f.config) else None
     for s in scenarios:
-        if s.dtype != torch.float32 or s.probe:
+        if s.dtype != torch.float32 or s.probe or sdpa is None:
             continue
         r = reference(f, s, ctx, device)
         t0 = time.perf_counter()
@@ -151,11 +157,18 @@ def reference_rows(f: Fixture, scenarios: list, ctx, device="cpu") -> list[Row]:
 
 
 def in_layout(weights: dict, config: dict, layout: str) -> dict:
-    """q/k rows in the order the implementation reads them: HF's half-split pairs, or Meta's interleaved pairs."""
+    """q/k rows in the order the implementation reads them: HF's half-split pairs, or Meta's interleaved pairs (the
+    q/k biases' entries and the q/k norms' channels permuted with them: they act on the same channels)."""
     if layout != "meta":
         return weights
-    return dict(weights, q_proj=half_split_to_interleaved(weights["q_proj"], config["num_attention_heads"]),
-                k_proj=half_split_to_interleaved(weights["k_proj"], config["num_key_value_heads"]))  # fmt: skip
+    heads = rope_heads(config)
+    return weights | {n: half_split_to_interleaved(weights[n], h) for n, h in heads.items() if n in weights}
+
+
+def rope_heads(config: dict) -> dict[str, int]:
+    """The tensors whose rows (channels) follow the RoPE pair order, with the heads they hold."""
+    H, Hkv = config["num_attention_heads"], config["num_key_value_heads"]
+    return {"q_proj": H, "k_proj": Hkv, "q_proj.bias": H, "k_proj.bias": Hkv, "q_norm": 1, "k_norm": 1}
 
 
 def forward(impl, key: str, config: dict, weights: dict, x, pos, mask) -> torch.Tensor:
@@ -225,7 +238,7 @@ def prober(impl, f: Fixture, ctx):
 
     def probe(x, w, pos, mask):
         n[0] += 1
-        config = f.config | covering(run_sizes, input_sizes(x, pos))
+        config = f.layer_config | covering(run_sizes, input_sizes(x, pos))
         return forward(impl, f"{f.key}:probe{n[0]}", config, w, x, pos, mask)
 
     return probe

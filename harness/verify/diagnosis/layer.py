@@ -44,7 +44,7 @@ def diagnose(fixture, runs: dict[str, Run], failing: list[str], passing: list[st
              fn: Callable | None = None) -> Diagnosis:  # fmt: skip
     """runs: every scenario's evidence; call(x, weights, pos, mask) runs the implementation again (probes);
     fn: the implementation itself when it runs in this process (stage-by-stage for built-ins)."""
-    config = fixture.config
+    config = fixture.layer_config  # what the code under test was handed (layer_idx, layer_type)
     weights = {k: v.float() for k, v in fixture.weights.items()}
     steps = (
         lambda: _nonfinite(config, weights, failing, runs),
@@ -176,6 +176,10 @@ def _pattern(failing, passing, runs) -> Diagnosis:
     if f and f <= {"sparse_positions", "packed", "rope_stress"}:
         return Diagnosis("rope_frequencies", "only unequal long distances between positions fail: the rotary "
                          "frequencies are off (rope_theta, rope scaling, float32 angles)", "sparse_positions")
+    if "window_edge" in f and f <= {"window_edge", "len_257", "len_1000", "long_2048"}:
+        return Diagnosis("sliding_window", "only sequences longer than the sliding window fail: on a sliding layer "
+                         "each query sees itself and the sliding_window - 1 keys before it; a full-attention layer "
+                         "sees every earlier key", "window_edge")  # fmt: skip
     fl = {n: runs[n].x.shape[1] for n in f if runs[n].dtype == torch.float32}  # failing float32 lengths
     pl = {n: runs[n].x.shape[1] for n in p if runs[n].dtype == torch.float32}
     if fl and pl and min(fl.values()) > max(pl.values()):
@@ -204,7 +208,7 @@ def diagnose_precision(fixture, runs: dict[str, Run], imprecise: list[str], call
     """imprecise: the scenarios that pass the gate with a precision ratio above the limit. The step whose rounding
     to bfloat16 or float16 the error matches (signature.py), then probes: how the error moves with the positions,
     the scores' magnitude and the length."""
-    config = fixture.config
+    config = fixture.layer_config  # what the code under test was handed (layer_idx, layer_type)
     w = {k: v.float() for k, v in fixture.weights.items()}
     found = layer_signature(config, w, runs, imprecise)
     if found is not None:

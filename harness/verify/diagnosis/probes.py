@@ -87,7 +87,9 @@ def _head_mapping(config, w, runs, failing, call) -> Diagnosis | None:
         return None
     x = torch.zeros(1, 1, h.D)
     x[0, 0, 0] = 1.0
-    probe = {n: torch.zeros_like(t) for n, t in w.items()}
+    probe = {n: torch.zeros_like(t) for n, t in w.items()}  # biases 0; q/k norms of zero vectors stay 0
+    if "sinks" in probe:  # a sink logit far below the token's own score (0): no mass to the sink
+        probe["sinks"] = torch.full_like(w["sinks"], -1e4)
     for j in range(h.Hkv):
         probe["v_proj"][j * h.d, 0] = j + 1.0  # v of KV head j = (j + 1, 0, ..., 0)
     for i in range(h.H):

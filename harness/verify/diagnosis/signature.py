@@ -37,7 +37,8 @@ from harness.common import heads
 from harness.verify.diagnosis.evidence import MAX_SUSPECT_LEN, Diagnosis, Run
 from impl import masks
 from impl.gqa import repeat_kv
-from impl.projection import merge_heads, split_heads
+from impl.layer import keywords
+from impl.projection import merge_heads, rms_norm, split_heads
 from impl.rope import apply_half, inv_freq
 
 MIN_R2 = 0.5  # the share of the error's energy one stage's roundings must explain (a correlation of 0.71)
@@ -114,8 +115,15 @@ def _rounder(points: frozenset, to: torch.dtype | None):
 # the pipeline in float64, some tensors rounded
 
 
-def softmax(s, allowed, points: frozenset, r) -> torch.Tensor:
-    """masks.masked_softmax in float64, the tensors named in points rounded (exp_unshifted: exp(s), no max)."""
+def softmax(s, allowed, points: frozenset, r, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """masks.masked_softmax in float64, the tensors named in points rounded (exp_unshifted: exp(s), no max); sinks
+    [H]: one more logit per head in the denominator (a column joined to the keys, dropped after)."""
+    if sinks is not None:
+        col = sinks.to(s.dtype).reshape(1, -1, 1, 1).expand(*s.shape[:-1], 1)  # (B, H, Sq, 1)
+        s = torch.cat((s, col), dim=-1)
+        allowed = torch.cat((allowed.expand(*col.shape[:-1], allowed.shape[-1]),
+                             torch.ones_like(col, dtype=torch.bool)), dim=-1)  # fmt: skip
+        return softmax(s, allowed, points, r)[..., :-1]
     s = s.masked_fill(~allowed, float("-inf"))
     if "exp_unshifted" in points:
         e = r("exp_unshifted", torch.exp(s))  # inf where it overflows: NaN probabilities, as the code gets
@@ -164,6 +172,8 @@ class Case:
     w: dict | None = None  # a layer's float64 weights, o_proj's rows cut to the compared channels
     x: torch.Tensor | None = None  # (B, S, D) float64
     pos: torch.Tensor | None = None
+    softcap: float = 0.0  # scores capped, softcap tanh(s / softcap), after the scale (Gemma 2)
+    sinks: torch.Tensor | None = None  # [H] float64 (GPT-OSS)
     clean: dict = field(default_factory=dict)
 
     def run(self, points: frozenset, to: torch.dtype | None, tables: tuple | None = None) -> torch.Tensor:
@@ -190,18 +200,31 @@ class Case:
                                                         qkv[2]))  # fmt: skip
         g = q.shape[1] // k.shape[1]
         k, v = step(1, "kv", lambda r, _: (repeat_kv(k, g), repeat_kv(v, g)))  # (B, H, Sk, d)
-        s = step(2, "s", lambda r, _: (r("qk", q) @ r("qk", k).transpose(-2, -1)) * self.scale)  # (B, H, Sq, Sk)
-        p = step(3, "p", lambda r, pts: softmax(r("scores", s), self.allowed, pts, r))
+        s = step(2, "s", lambda r, _: self._cap((r("qk", q) @ r("qk", k).transpose(-2, -1)) * self.scale))
+        p = step(3, "p", lambda r, pts: softmax(r("scores", s), self.allowed, pts, r, self.sinks))  # (B, H, Sq, Sk)
         ctx = step(4, "ctx", lambda r, pts: aggregate(p, v, pts, r))  # (B, H, Sq, d)
         if self.x is None:
             return ctx
-        return rounded("output", merge_heads(ctx) @ rounded("o_in", self.w["o_proj"]).T)  # (B, S, channels)
+        out = merge_heads(ctx) @ rounded("o_in", self.w["o_proj"]).T  # (B, S, channels)
+        b = self.w.get("o_proj.bias")
+        return rounded("output", out if b is None else out + b)
+
+    def _cap(self, s):
+        return self.softcap * torch.tanh(s / self.softcap) if self.softcap else s
 
     def _project(self, r):
-        h = heads(self.config)
+        h, w = heads(self.config), self.w
         x = r("proj_in", self.x)
-        return tuple(r("projection", split_heads(x @ r("proj_in", self.w[n]).T, n_heads, h.d))
-                     for n, n_heads in (("q_proj", h.H), ("k_proj", h.Hkv), ("v_proj", h.Hkv)))  # fmt: skip
+
+        def one(n, n_heads):  # x W^T (+ b), heads split; the family's q/k RMSNorm per head
+            y = x @ r("proj_in", w[n]).T
+            y = y if w.get(f"{n}.bias") is None else y + w[f"{n}.bias"]
+            return r("projection", split_heads(y, n_heads, h.d))  # (B, n, S, d)
+
+        q, k, v = one("q_proj", h.H), one("k_proj", h.Hkv), one("v_proj", h.Hkv)
+        q = q if w.get("q_norm") is None else rms_norm(q, w["q_norm"], self.config)
+        k = k if w.get("k_norm") is None else rms_norm(k, w["k_norm"], self.config)
+        return q, k, v
 
     def _rope(self, r):
         seq = int(self.pos.max()) + 1 if self.pos.numel() else None
@@ -221,7 +244,14 @@ def layer_case(config: dict, w: dict, x, pos, mask) -> Case:
     S, D = x.shape[1], x.shape[-1]
     w64 = {n: t.double() for n, t in w.items()}
     w64["o_proj"] = w64["o_proj"][channels(D)]
-    return Case(masks.build(S, S, mask), heads(config).d ** -0.5, None, config, w64, x.double(), pos)
+    if "o_proj.bias" in w64:
+        w64["o_proj.bias"] = w64["o_proj.bias"][channels(D)]
+    kw = keywords(config, w64)  # the family's window, scale, softcap, sinks
+    allowed = masks.build(S, S, mask)
+    if "window" in kw:
+        allowed = allowed & masks.window_mask(S, S, kw["window"])
+    return Case(allowed, kw.get("scale", heads(config).d ** -0.5), None, config, w64, x.double(), pos,
+                kw.get("softcap", 0.0), kw.get("sinks"))  # fmt: skip
 
 
 def kernel_case(q, k, v, causal: bool, scale: float | None, mask) -> Case:

@@ -3,6 +3,8 @@ the output matches (much closer to it than to the correct reference) is named.
 
     the catalog's bugs that are not held out (harness/bugs/catalog.py), but its precision bugs: a lowered step is
     named by the error's signature (signature.py), never by resemblance to a known bug
+    the family's own fields misread (fields.py: q/k norms, biases, scale, window, softcap, sinks, partial rotary,
+    rope per layer type)
     the rotary frequencies recomputed with each of the fixture's own rope parameters changed (rope_frequencies)
     a fitted constant on the scores (any wrong scale): on every failing scenario, or on RoPE-off inputs alone
     a fitted rotary base, per scenario (rope_frequencies: frequencies off, even by an amount that changes with the
@@ -19,9 +21,11 @@ import torch
 from harness.bugs import catalog, pipeline
 from harness.common import heads
 from harness.verify.diagnosis.evidence import EXACT, MAX_SUSPECT_LEN, Diagnosis, maxdiff, rms
+from harness.verify.diagnosis.fields import field_suspects
 from harness.verify.diagnosis.signature import channels, layer_case
 from harness.verify.scenarios import tagged
-from impl.rope import dims, inv_freq
+from impl.layer import keywords
+from impl.rope import dims, inv_freq, layer_rope
 
 PRECISION = {"rope_precision", "softmax_precision", "accumulation_precision"}  # named by signature.py only
 
@@ -38,8 +42,9 @@ def suspects(config, w, runs, failing) -> Diagnosis | None:
     fp32 = [n for n in failing if runs[n].dtype == torch.float32 and runs[n].x.shape[1] <= MAX_SUSPECT_LEN]
     if not fp32:
         return None
-    found = [Suspect(b.name, b.stage, b.hint_for(config), b.layer()) for b in catalog.suspects(config)
-             if b.stage not in PRECISION]  # fmt: skip
+    found = field_suspects(config, w, Suspect)  # first: on a family's layer its own fields are the likeliest
+    found += [Suspect(b.name, b.stage, b.hint_for(config), b.layer()) for b in catalog.suspects(config)
+              if b.stage not in PRECISION]  # fmt: skip
     found += rope_suspects(config)
     best = None
     for s in found:
@@ -76,7 +81,9 @@ def match(fn, config, w, runs, names) -> float | None:
 def rope_suspects(config: dict) -> list[Suspect]:
     """The rotary frequencies recomputed with one of the fixture's own rope parameters changed: its scaling
     dropped, or one numeric parameter (theta, a factor, a context length) multiplied or divided by 2, 4 or 8, or
-    set to a value codebases hard-code. Built from the config at hand, whatever its rope_type."""
+    set to a value codebases hard-code. Built from the config at hand, whatever its rope_type (the layer's own
+    parameters where they differ by layer type)."""
+    config = layer_rope(config)
     rp = config["rope_parameters"]
     kind = rp.get("rope_type", "default")
     out = []
@@ -167,14 +174,16 @@ def scale_fit(config, w, runs, names) -> Diagnosis | None:
     if alone and (probe != "zero_positions" or match(fn, config, w, runs, [probe]) is None):
         return None
     d = heads(config).d
-    eff = a * d**-0.5  # the scale the implementation applies
+    want = keywords(config, w).get("scale", d**-0.5)  # the family's: 1/sqrt(head_dim), or query_pre_attn_scalar's
+    named = f"1/sqrt(head_dim) = 1/sqrt({d})" if want == d**-0.5 else \
+        f"query_pre_attn_scalar ** -0.5 = 1/sqrt({want**-2:.4g})"
+    eff = a * want  # the scale the implementation applies
     more = (" (fitted with RoPE off, all positions 0: other failures are not all explained by it, so a second "
             "problem remains, RoPE's frequencies or scaling for one)") if alone else ""  # fmt: skip
     return Diagnosis(
         "scale",
-        f"scores look multiplied by {eff:.4g} = 1/sqrt({eff**-2:.4g}) instead of 1/sqrt(head_dim) = "
-        f"1/sqrt({d}) = {d**-0.5:.4g} ({a:.3g}x too {'large' if a > 1 else 'small'}): scale q k^T by "
-        f"1/sqrt(head_dim){more}",
+        f"scores look multiplied by {eff:.4g} = 1/sqrt({eff**-2:.4g}) instead of {named} = {want:.4g} "
+        f"({a:.3g}x too {'large' if a > 1 else 'small'}): scale q k^T by {named.split(' = ')[0]}{more}",
         "scale_fit:rope_off" if alone else "scale_fit",
     )
 
@@ -199,6 +208,7 @@ def rope_fit(config, w, runs, failing) -> Diagnosis | None:
         return None
     names = [n for n in failing if runs[n].dtype == torch.float32 and runs[n].x.shape[1] <= MAX_SUSPECT_LEN
              and int(runs[n].pos.max()) > 0]  # fmt: skip
+    config = layer_rope(config)  # the layer's own rope parameters (Gemma 3's differ by layer type)
     rp = config["rope_parameters"]
     theta = rp["rope_theta"]
     found = []
