@@ -305,3 +305,62 @@ def hf_to_meta(hf_dir: Path, out: Path) -> Path:
     torch.save(sd, str(out / "consolidated.00.pth"))
     (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     return out
+
+
+# Small configs of the families e2e swaps into beyond Llama (transformers 5 names), for make_family_checkpoint:
+# every feature of the family's layer on: Gemma 3's sliding layers with a window shorter than the prompts, its RoPE
+# per layer type, query_pre_attn_scalar != head_dim; Mistral's window on every layer; Qwen2's biases; Qwen3's norms.
+FAMILY_CONFIGS: dict[str, dict] = {
+    "gemma3_text": {
+        "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "num_hidden_layers": 3, "max_position_embeddings": 512, "sliding_window": 4,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"], "query_pre_attn_scalar": 24,
+        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+    },
+    "mistral": {
+        "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "num_hidden_layers": 2, "max_position_embeddings": 512, "sliding_window": 5,
+    },
+    "qwen2": {
+        "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "num_hidden_layers": 2, "max_position_embeddings": 512,
+    },
+    "qwen3": {
+        "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "num_hidden_layers": 2, "max_position_embeddings": 512,
+    },
+}  # fmt: skip
+
+
+def make_family_checkpoint(out: Path, model_type: str, *, vocab_size: int = 512, seed: int = 0,
+                           overrides: dict | None = None) -> Path:  # fmt: skip
+    """Write an HF checkpoint (config.json, tokenizer, float32 safetensors) of a small model of the family
+    (FAMILY_CONFIGS[model_type] | overrides) with seeded random weights into `out`; returns `out`.
+
+    Matrices ~ N(0, 1/fan_in); RMSNorm gains around their identity (Gemma's w around 0, applied as 1 + w; the
+    others' around 1) but far enough from it that a gain applied the other family's way changes the output;
+    biases, sinks ~ N(0, 0.1). The embedding ~ N(0, 1/hidden) times Gemma's sqrt(hidden) scale where it has one.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    bos, eos = _write_tokenizer(out, vocab_size)
+    kw = FAMILY_CONFIGS[model_type] | (overrides or {})
+    # room for the special tokens a family's own tokenizer class adds (Qwen2Tokenizer: <|endoftext|> as padding)
+    cfg = CONFIG_MAPPING[model_type](**kw, vocab_size=vocab_size + 16, bos_token_id=bos, eos_token_id=eos,
+                                     pad_token_id=None, tie_word_embeddings=True)  # fmt: skip
+    lm = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    gemma = model_type.startswith("gemma")
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if p.dim() == 2:
+                p.copy_(_randn(p.shape, seed, name, 1.0 / math.sqrt(p.shape[1]), dtype=torch.float32))
+            elif "norm" in name:
+                p.copy_(_randn(p.shape, seed, name, 0.3, mean=0.0 if gemma else 1.0, dtype=torch.float32))
+            else:
+                p.copy_(_randn(p.shape, seed, name, 0.1, dtype=torch.float32))
+    lm.save_pretrained(out)
+    return out

@@ -1,6 +1,7 @@
 """`e2e`: a whole real model with the implementation in every layer's self_attn, against transformers.
 
-    model.py    the model (SmolLM2 from its GGUF, the Hub, a directory), float32, cached
+    model.py    the model (SmolLM2 or Gemma 3 270M from its GGUF, the Hub, a directory), float32, cached
+    gguf_check.py  Gemma 3 270M's config as transformers read it, against the GGUF's metadata
     swap.py     the module that stands in for each layer's self_attn
     prompts.py  the prompts (defaults or a file) -> one left-padded batch
     infer.py    inference: reference logits and greedy tokens -> the swapped model's -> a result per prompt

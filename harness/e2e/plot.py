@@ -2,8 +2,9 @@
 
 model in -> prompt -> the hidden states entering layer L's self_attn (captured from the unmodified model)
 -> HF: LlamaAttention (eager) returns its probabilities
--> ours: naive's stage-3 probabilities, or tiled's rebuilt from its log-sum-exp, exp(q k^T / sqrt(d) - lse):
-   tiled never stores them, so this also shows that its softmax normaliser is right
+-> ours: naive's stage-3 probabilities, or tiled's rebuilt from its log-sum-exp, exp(scale q k^T - lse) (the
+   layer's scale and window: Gemma 3's query_pre_attn_scalar and sliding layers): tiled never stores them, so this
+   also shows that its softmax normaliser is right
 -> a grid: one column per head; rows ours, HF, |ours - HF|; tokens on both axes -> PNG (docs/attention.png)
 """
 
@@ -15,12 +16,14 @@ from pathlib import Path
 
 import torch
 
-from harness.checkpoints.format import WEIGHT_NAMES
 from harness.checkpoints.validate import MAX_HEADS, output_path
 from harness.common import DOCS, ROOT, Parser, UserError, write_atomic
 from harness.e2e.model import DEFAULT_MODEL, load_model
+from harness.e2e.swap import attn_params
+from harness.reference.family import layer_config
 from impl import naive, tiled
 from impl.gqa import groups, repeat_kv
+from impl.layer import keywords
 from impl.masks import build
 from impl.projection import project_qkv
 
@@ -45,21 +48,22 @@ def layer_input(model, ids: torch.Tensor, layer: int):
         model.lm(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos, use_cache=False)
     finally:
         handle.remove()
-    weights = {n: getattr(attn, n).weight.detach() for n in WEIGHT_NAMES}
+    weights = {n: w.detach() for n, w in attn_params(attn, layer_config(model.config, layer)).items()}
     return seen["x"], seen["pos"], weights, seen["probs"]  # (1, S, D), (1, S), dict, (1, H, S, S)
 
 
 @torch.inference_mode()
 def our_probs(impl: str, x, pos, weights, config) -> torch.Tensor:
-    """(1, H, S, S) attention probabilities from our implementation."""
+    """(1, H, S, S) attention probabilities from our implementation; config: the layer's (layer_config)."""
     if impl == "naive":
         _, stages = naive.attention(x, weights, config=config, position_ids=pos, return_intermediates=True)
         return stages["probs"]
     q, k, v = project_qkv(x, weights, config, pos)  # (1, H, S, d), (1, Hkv, S, d) x2
-    _, lse = tiled.flash_forward(q, k, v)  # lse (1, H, S)
+    kw = keywords(config, weights)  # scale, window where the layer has them (no family here has softcap, sinks)
+    _, lse = tiled.flash_forward(q, k, v, **kw)  # lse (1, H, S)
     k = repeat_kv(k, groups(q.shape[1], k.shape[1]))  # (1, H, S, d)
-    scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # (1, H, S, S)
-    allowed = build(q.shape[2], k.shape[2])  # (1, 1, S, S)
+    scores = (q @ k.transpose(-2, -1)).float() * kw.get("scale", q.shape[-1] ** -0.5)  # (1, H, S, S)
+    allowed = build(q.shape[2], k.shape[2], window=kw.get("window"))  # (1, 1, S, S)
     return torch.where(allowed, torch.exp(scores - lse[..., None]), 0.0)  # softmax = exp(s - logsumexp(s))
 
 
@@ -117,7 +121,8 @@ def main(argv=None) -> int:
         prog="attention-verify plot",
         description="Draw one layer's attention probabilities for a real prompt: ours, HF's, and their difference.",
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m (default), hf:OWNER/NAME[@REV], or a directory")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m (default), gemma3-270m, "
+                   "hf:OWNER/NAME[@REV], or a directory")
     p.add_argument("--impl", default="tiled", choices=IMPLS, help="whose probabilities (default tiled, via its lse)")
     p.number("--layer", lo=0, hi=MAX_LAYER, kind=int, default=0, help="the layer (default 0)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
@@ -144,7 +149,7 @@ def main(argv=None) -> int:
         raise UserError(f"--prompt has {ids.shape[1]} tokens; at most 64 keep the token labels readable")
 
     x, pos, weights, ref = layer_input(model, ids, a.layer)
-    ours = our_probs(a.impl, x, pos, weights, model.config)
+    ours = our_probs(a.impl, x, pos, weights, layer_config(model.config, a.layer))
     title = f"{model.name}, layer {a.layer}: attention probabilities, {a.impl} vs transformers (eager), float32"
     png, dmax = draw(ours, ref, token_labels(model.tokenizer, ids), heads, title)
     write_atomic(a.out, png)

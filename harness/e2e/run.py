@@ -15,7 +15,7 @@ from pathlib import Path
 from harness.checkpoints.validate import input_file, output_path
 from harness.common import WEEK_S, Parser, UserError, resolve_device, write_json
 from harness.e2e.infer import run_e2e
-from harness.e2e.model import DEFAULT_MODEL, load_model
+from harness.e2e.model import DEFAULT_MODEL, load_model, narrow_window
 from harness.e2e.prompts import read_prompts
 from harness.e2e.report import infer_json, report, train_json, train_report
 from harness.e2e.train import run_train
@@ -34,13 +34,17 @@ def parse(argv) -> argparse.Namespace:
         description="Swap an attention implementation into every layer of a real model; compare logits and "
         "greedy tokens with transformers.",
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m (default), hf:OWNER/NAME[@REV], or a directory")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m (default), gemma3-270m, "
+                   "hf:OWNER/NAME[@REV], or a directory")
     p.add_argument("--impl", help="a layer: a built-in (naive, loop, tiled, sdpa) or module:function (default tiled)")
     p.add_argument("--module", help="a module factory module:build, build(config, weights) -> layer")
     p.add_argument("--weights-layout", choices=LAYOUTS, default="hf", help="q/k row order: hf (default) or meta")
     p.add_argument("--prompts", help="a text file with one prompt per line, or a JSON list of strings")
     p.number("--tokens", lo=1, hi=MAX_TOKENS, kind=int, default=32,
              help="greedy tokens to generate per prompt (default 32)")  # fmt: skip
+    p.number("--sliding-window", lo=1, hi=MAX_TOKENS, kind=int, metavar="W",
+             help="run every sliding layer with a window of W keys, transformers and the implementation alike "
+             "(the model's own is larger than short prompts: Gemma 3's 512)")  # fmt: skip
     p.add_argument("--train", action="store_true", help="training instead: one forward and backward (loss and every "
                    "parameter's gradient), then optimizer steps, against transformers")  # fmt: skip
     p.number("--steps", lo=0, hi=MAX_STEPS, kind=int, default=10, help="AdamW steps with --train (default 10)")
@@ -69,6 +73,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     impl.prepare(a.timeout)
     model = load_model(a.model)
+    if a.sliding_window:
+        narrow_window(model, a.sliding_window)
     model.lm.to(device)
     print(f"loaded {model.name} ({model.source}) in {model.seconds:.1f} s, on {device}")
     core = CORES.get(spec) if impl.builtin else None  # built-ins also decode with impl.decode's KV cache
@@ -84,7 +90,8 @@ def main(argv=None) -> int:
     ok = sum(r.passed for r in results)
     print(f"\n{'PASS' if passed else 'FAIL'}: {ok}/{len(prompts)} prompts, {spec} on {model.name}, {seconds:.1f} s")
     if a.json:
-        write_json(a.json, infer_json(a.model, spec, contract, str(device), passed, fault, a.tokens, results, seconds))
+        doc = infer_json(a.model, spec, contract, str(device), passed, fault, a.tokens, results, seconds)
+        write_json(a.json, doc | {"sliding_window": a.sliding_window})  # null: the model's own
     return 0 if passed else 1
 
 
@@ -109,5 +116,6 @@ def train_main(a, model, impl, spec: str, contract: str, prompts: list[str], t0:
     passed = fault is None and result.passed
     print(f"\n{'PASS' if passed else 'FAIL'}: training {spec} on {model.name}, {seconds:.1f} s")
     if a.json:
-        write_json(a.json, train_json(a.model, spec, contract, device, passed, fault, result, seconds))
+        doc = train_json(a.model, spec, contract, device, passed, fault, result, seconds)
+        write_json(a.json, doc | {"sliding_window": a.sliding_window})
     return 0 if passed else 1

@@ -6,14 +6,32 @@ import torch
 from torch import nn
 
 from harness.checkpoints.format import WEIGHT_NAMES
+from harness.reference.family import extra_shapes, layer_config
 from harness.verify.contracts.layer import forward as layer_forward
 from harness.verify.plugins import Builtin, Impl
 from impl import decode
 from impl.decode import KVCache
 
 
+def attn_params(attn: nn.Module, config: dict) -> dict[str, nn.Parameter]:
+    """A layer's attention parameters under the contract's names: q/k/v/o_proj and the family's extras
+    (reference/family.py extra_shapes: q/k/v/o_proj.bias, q_norm and k_norm as the module stores them, Gemma's w
+    applied as 1 + w, sinks), the module's own Parameters (training updates them in place)."""
+    out = {n: getattr(attn, n).weight for n in WEIGHT_NAMES}
+    for n in extra_shapes(config):
+        if n.endswith(".bias"):
+            out[n] = getattr(attn, n.removesuffix(".bias")).bias
+        elif n in ("q_norm", "k_norm"):
+            out[n] = getattr(attn, n).weight
+        else:  # sinks: a Parameter of the attention module itself
+            out[n] = getattr(attn, n)
+    return out
+
+
 class Swapped(nn.Module):
-    """One layer's self_attn, computed by an implementation with that layer's own weights.
+    """One layer's self_attn, computed by an implementation with that layer's own weights and config (the model's,
+    plus layer_idx and layer_type, as the layer contract hands them: a sliding layer's window, Gemma 3's rope
+    parameters per layer type follow from it).
 
     mode "contract": the implementation (an Impl: a layer or a module, user code in its worker process) on the
                      whole sequence so far (the contracts have no cache); only the new rows of its output are
@@ -24,21 +42,21 @@ class Swapped(nn.Module):
 
     def __init__(self, hf_attn: nn.Module, layer: int, run: swapped):
         super().__init__()
-        self.layer, self.run = layer, run
-        self.weights = {n: getattr(hf_attn, n).weight.detach() for n in WEIGHT_NAMES}
+        self.layer, self.run, self.config = layer, run, layer_config(run.config, layer)
+        self.weights = {n: w.detach() for n, w in attn_params(hf_attn, self.config).items()}
         self.xs = self.pos = None  # contract mode: the inputs seen so far, (B, T, D) and (B, T)
 
     def forward(self, hidden_states, position_ids=None, **_):
         run, x, pos = self.run, hidden_states, position_ids  # (B, S_new, D), (B, S_new)
         if run.mode == "kv":
-            out = decode.step(run.fn, x, self.weights, config=run.config, position_ids=pos, cache=run.cache,
+            out = decode.step(run.fn, x, self.weights, config=self.config, position_ids=pos, cache=run.cache,
                               layer=self.layer, attention_mask=run.mask)  # fmt: skip
             return out, None
         if self.xs is not None:
             x = torch.cat((self.xs, x), dim=1)  # (B, T + S_new, D)
             pos = torch.cat((self.pos, pos), dim=1)  # (B, T + S_new)
         self.xs, self.pos = x, pos
-        out = layer_forward(run.impl, f"layer{self.layer}", run.config, self.weights, x, pos, run.mask)
+        out = layer_forward(run.impl, f"layer{self.layer}", self.config, self.weights, x, pos, run.mask)
         return out[:, -hidden_states.shape[1] :], None  # (B, S_new, D): the new rows only
 
 

@@ -57,10 +57,10 @@ def core(code, header: dict, t: dict, state: dict):
                     attention_mask=t.get("attention_mask"), **features(header, t))  # fmt: skip
 
 
-def layer_gradients(code, kind: str, config: dict, w: dict, x, pos, mask, g) -> list:
-    """Gradients of sum(out * g) w.r.t. x and the four weights (None where nothing flows back), for a layer or a
-    module (built here, from weights that require grad, so a module that uses them directly gives their
-    gradients). Also run on the catalog's bugs, as suspects."""
+def layer_gradients(code, kind: str, config: dict, w: dict, x, pos, mask, g, wrt=GRAD_OF[1:]) -> list:
+    """Gradients of sum(out * g) w.r.t. x and the weights named in wrt (default the four projections; None where
+    nothing flows back), for a layer or a module (built here, from weights that require grad, so a module that uses
+    them directly gives their gradients). Also run on the catalog's bugs, as suspects."""
     x = x.detach().clone().requires_grad_(True)
     w = {k: v.detach().clone().requires_grad_(True) for k, v in w.items()}
     with torch.enable_grad():
@@ -70,14 +70,17 @@ def layer_gradients(code, kind: str, config: dict, w: dict, x, pos, mask, g) -> 
             out = code(x, w, config=config, position_ids=pos, attention_mask=mask)
         if not isinstance(out, torch.Tensor) or out.shape != g.shape:
             return [out]  # described and refused by the caller, like a forward output
-        wanted = [x] + [w[n] for n in GRAD_OF[1:]]
+        wanted = [x] + [w[n] for n in wrt]
         return list(torch.autograd.grad((out * g.to(out.dtype)).sum(), wanted, allow_unused=True))
 
 
 def layer_grad(code, header: dict, t: dict, state: dict):
+    """header["wrt"]: the weights whose gradients are wanted (e2e --train: the family's q_norm, k_norm, biases and
+    sinks too, each a parameter of the model); absent: the four projections."""
     config = json.loads(json.dumps(state["configs"][header["key"]]))
     return tuple(layer_gradients(code, header["kind"], config, state["weights"][header["key"]], t["x"],
-                                 t["position_ids"], t.get("attention_mask"), t["g"]))  # fmt: skip
+                                 t["position_ids"], t.get("attention_mask"), t["g"],
+                                 tuple(header.get("wrt") or GRAD_OF[1:])))  # fmt: skip
 
 
 def core_gradients(code, q, k, v, causal, scale, mask, g, **kw) -> list:

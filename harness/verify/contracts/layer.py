@@ -161,9 +161,14 @@ def in_layout(weights: dict, config: dict, layout: str) -> dict:
     q/k biases' entries and the q/k norms' channels permuted with them: they act on the same channels)."""
     if layout != "meta":
         return weights
-    H, Hkv = config["num_attention_heads"], config["num_key_value_heads"]
-    heads = {"q_proj": H, "k_proj": Hkv, "q_proj.bias": H, "k_proj.bias": Hkv, "q_norm": 1, "k_norm": 1}
+    heads = rope_heads(config)
     return weights | {n: half_split_to_interleaved(weights[n], h) for n, h in heads.items() if n in weights}
+
+
+def rope_heads(config: dict) -> dict[str, int]:
+    """The tensors whose rows (channels) follow the RoPE pair order, with the heads they hold."""
+    H, Hkv = config["num_attention_heads"], config["num_key_value_heads"]
+    return {"q_proj": H, "k_proj": Hkv, "q_proj.bias": H, "k_proj.bias": Hkv, "q_norm": 1, "k_norm": 1}
 
 
 def forward(impl, key: str, config: dict, weights: dict, x, pos, mask) -> torch.Tensor:

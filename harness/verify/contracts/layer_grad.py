@@ -15,7 +15,7 @@ from harness.verify import grads
 from harness.verify import serve as serve_fns
 from harness.verify.compare import not_run as no_output
 from harness.verify.contracts import layer
-from harness.verify.contracts.layer import check_tensor, contract_error, in_layout, weights_in
+from harness.verify.contracts.layer import check_tensor, contract_error, in_layout, rope_heads, weights_in
 from harness.verify.diagnosis.grad import diagnose_grads
 from harness.verify.serve import GRAD_OF, layer_gradients
 from harness.verify.worker import Fault
@@ -58,16 +58,19 @@ def reference(f: Fixture, s, ctx, device="cpu"):
     return (r, g, *ctx.cache[key])
 
 
-def layer_grad(impl, key: str, config: dict, weights: dict, x, pos, mask, g) -> dict:
+def layer_grad(impl, key: str, config: dict, weights: dict, x, pos, mask, g, extras: bool = False) -> dict:
     """{"x": ..., "q_proj": ..., ...} (a weight whose gradient does not flow back to the given tensor is absent for
-    a module, which copies its weights), checked, where x is."""
+    a module, which copies its weights), checked, where x is. extras: every weight's gradient (the family's q_norm,
+    k_norm, biases, sinks too, as e2e --train needs them), not only the four projections'."""
     t = {"x": x, "position_ids": pos, "g": g} | ({} if mask is None else {"attention_mask": mask})
     preload = (key, config, in_layout(weights, config, impl.layout))
-    descs, items = impl.call(THIS, {"key": key, "kind": impl.contract}, t, "computing gradients", preload)
-    wrt = {"x": x, **{n: weights[n] for n in GRAD_OF[1:]}}
+    names = [*GRAD_OF[1:], *(n for n in weights if extras and n not in GRAD_OF)]
+    header = {"key": key, "kind": impl.contract} | ({"wrt": names} if extras else {})
+    descs, items = impl.call(THIS, header, t, "computing gradients", preload)
+    wrt = {"x": x, **{n: weights[n] for n in names}}
     got = check_grads(descs, items, wrt, impl.contract, impl.device)
-    if impl.layout == "meta":  # its q/k rows were in Meta's order: their gradients come back in it
-        for name, n in (("q_proj", config["num_attention_heads"]), ("k_proj", config["num_key_value_heads"])):
+    if impl.layout == "meta":  # its q/k rows (and q/k biases, norms) were in Meta's order: their gradients too
+        for name, n in rope_heads(config).items():
             if name in got:
                 got[name] = interleaved_to_half_split(got[name], n)
     return got
