@@ -44,7 +44,9 @@ def test_the_catalog_has_the_serving_bugs_a_third_held_out():
     assert len(SERVING) >= 10, SERVING
     held = [n for n in SERVING if pick(n).held_out]
     assert 3 * len(held) >= len(SERVING), held
-    assert {pick(n).stage for n in SERVING} == {"block_table", "seqlens", "split_merge", "varlen_boundary"}
+    assert {pick(n).stage for n in SERVING} >= {"block_table", "seqlens", "split_merge", "varlen_boundary"}
+    assert {pick(n).stage for n in SERVING if pick(n).held_out} >= {"block_table", "seqlens", "split_merge",
+                                                                    "varlen_boundary"}  # every stage: an unseen bug
 
 
 @pytest.mark.parametrize("name", SERVING)

@@ -139,9 +139,8 @@ def varlen(steps: Steps | None = None, **changes) -> Callable:
         lse = torch.full((q.shape[1], q.shape[0]), float("-inf"))  # (H, total_q)
         for b in range(len(cu_seqlens_q) - 1):
             (qa, qb), (ka, kb) = steps.bounds_q(cu_seqlens_q, b), steps.bounds_k(cu_seqlens_k, b)
-            Lk = int(cu_seqlens_k[b + 1] - cu_seqlens_k[b])  # the sequence's own length sets the positions
-            qpos = torch.arange(Lk - (qb - qa), Lk)
-            kpos = torch.arange(kb - ka) + (Lk - (kb - ka))  # a read past its start shifts the keys' positions
+            qpos = torch.arange(kb - ka - (qb - qa), kb - ka)  # bottom-right within the rows it reads
+            kpos = torch.arange(kb - ka)
             o, s = attend(steps, q[qa:qb].transpose(0, 1), k[ka:kb].transpose(0, 1), v[ka:kb].transpose(0, 1),
                           qpos, kpos, causal=causal, scale=scale, window=window, softcap=softcap,
                           sinks=sinks)  # fmt: skip

@@ -8,6 +8,7 @@ keys: decoding, chunked prefill, prefill, a sequence of one token).
                 a sequence sees its neighbour (or reads the offsets off by one): varlen_boundary
     lengths     transformers on each sequence's keys one short or one long (the next sequence's first key), and on
                 the queries at positions 0 .. len_q - 1: matched, varlen_boundary (causal_mask for the last)
+    edges       only each sequence's first or only its last query row wrong: the offsets read off by one
 """
 
 from __future__ import annotations
@@ -96,6 +97,24 @@ def lengths_probe(x, out, call, s, right) -> Diagnosis | None:
     return None
 
 
+def edges_probe(x, out, right) -> Diagnosis | None:
+    """Only the first or only the last query row of sequences wrong, every other row right: the offsets read off by
+    one (an end taken as inclusive drops each sequence's last token; a start one late its first)."""
+    got = per_sequence(x, out)
+    bad = [[i for i in range(len(w)) if float((g[i].double() - w[i]).abs().max()) > GATE]
+           for g, w in zip(got, right, strict=True)]  # fmt: skip
+    if not any(bad):
+        return None
+    for edge, at in (("last", lambda n: n - 1), ("first", lambda n: 0)):
+        if all(rows_bad in ([], [at(len(w))]) for rows_bad, w in zip(bad, right, strict=True)):
+            which = [b for b, r in enumerate(bad) if r]
+            return Diagnosis("varlen_boundary", f"only the {edge} query row of sequences {which} is wrong, every "
+                             "other row right: the packed offsets look read off by one; sequence b is rows "
+                             "cu_seqlens[b] .. cu_seqlens[b + 1] - 1 (the end exclusive)",
+                             f"probe:varlen_{edge}_row")  # fmt: skip
+    return None
+
+
 def probe_varlen(runs: dict, failing: list[str], call) -> Diagnosis | None:
     """The probes in order on the probe batch; None when it is answered right or no probe names the failure."""
     s = probe_scenario(runs, failing)
@@ -104,7 +123,8 @@ def probe_varlen(runs: dict, failing: list[str], call) -> Diagnosis | None:
     right = truth(x, s)
     if max(seq_err(per_sequence(x, out), right)) <= GATE:
         return None
-    for probe in (lambda: neighbours_probe(x, out, call, s), lambda: lengths_probe(x, out, call, s, right)):
+    for probe in (lambda: neighbours_probe(x, out, call, s), lambda: lengths_probe(x, out, call, s, right),
+                  lambda: edges_probe(x, out, right)):
         found = ask(probe)
         if found is not None:
             return found
