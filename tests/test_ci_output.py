@@ -6,6 +6,7 @@ this process, of a correct layer and one that forgot the scale serves the first 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,11 @@ def test_unwritable_ci_outputs_are_refused_before_the_run(tmp_path, monkeypatch,
         p = run(args)
     assert p.returncode == 2 and ("--junit" if where == "junit" else "GITHUB_STEP_SUMMARY") in one_line_error(p)
     assert "passed" not in p.stdout
+
+
+def test_the_action_passes_every_contract_option():
+    """action.yml takes an input per contract option of `verify` and hands each SPEC on as that option."""
+    text = (Path(__file__).parents[1] / "action.yml").read_text()
+    for opt in ("impl", "module", "core", "paged", "varlen"):
+        assert re.search(rf"^  {opt}:\n    description:", text, re.M), opt
+        assert f'opts+=(--{opt} "$s")' in text, opt
