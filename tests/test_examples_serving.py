@@ -16,8 +16,22 @@ EXAMPLE = ROOT / "docs/examples/sglang_torch_native.py"
 BEGIN, END = "# ==== VERBATIM", "# ==== END VERBATIM ===="
 ADAPTER_MAX = 10
 QUICK = ["--quick", "--dtype", "float32"]
-LENGTH = "seq_len_kv = seq_lens[seq_idx]\n            end_q"  # the extend path's key count (the one in use)
-SHORT = "seq_len_kv = seq_lens[seq_idx] - 1\n            end_q"
+# the extend path's gather (the one in use): each token's slot read one token late
+GATHER = """per_req_tokens = req_to_token[req_pool_idx, start_kv:end_kv]
+            per_req_key = k_cache[per_req_tokens].movedim(0, query.dim() - 2)
+            per_req_value = v_cache[per_req_tokens].movedim(0, query.dim() - 2)
+
+            if not (per_req_query.dtype == per_req_key.dtype == per_req_value.dtype):
+                # scaled_dot_product_attention() expects query, key, and value to have the same dtype
+                per_req_key = per_req_key.to(per_req_query.dtype)
+                per_req_value = per_req_value.to(per_req_query.dtype)
+
+            attn_mask = None
+            is_causal = causal
+            if sliding_window_size is not None and sliding_window_size > -1:
+                attn_mask = self._make_sliding_window_mask(
+                    q_len=seq_len_kv,"""
+LATE = GATHER.replace("start_kv:end_kv]", "start_kv + 1 : end_kv + 1]", 1)
 
 
 def blocks(text: str) -> tuple[list[str], list[tuple[str, str]]]:
@@ -67,13 +81,14 @@ def test_the_example_imports_no_engine_and_no_transformers():
     assert mods and {m.split(".")[0] for m in mods} <= {"__future__", "typing", "torch"}, mods
 
 
-def test_sglang_passes_and_a_short_read_fails_seqlens(tmp_path):
+def test_sglang_passes_and_a_token_read_late_fails_block_table(tmp_path):
     spec = "docs/examples/sglang_torch_native.py:attn"
     code, verdict, stdout = verify(tmp_path, spec)
     assert code == 0 and verdict["passed"] is True and verdict["contract"] == "paged", stdout[-3000:]
     text = EXAMPLE.read_text()
-    assert text.count(LENGTH) == 1
-    mutant = tmp_path / "short.py"
-    mutant.write_text(text.replace(LENGTH, SHORT))
+    assert text.count(GATHER) == 1
+    mutant = tmp_path / "late.py"
+    mutant.write_text(text.replace(GATHER, LATE))
     code, verdict, stdout = verify(tmp_path, f"{mutant}:attn")
-    assert code == 1 and verdict["passed"] is False and verdict["stage"] == "seqlens", (verdict, stdout[-2000:])
+    assert code == 1 and verdict["passed"] is False and verdict["stage"] == "block_table", (verdict, stdout[-2000:])
+    assert "token t + 1's slot for token t" in verdict["hint"], verdict["hint"]
