@@ -5,8 +5,11 @@
     swap.py     the module that stands in for each layer's self_attn
     prompts.py  the prompts (defaults or a file) -> one left-padded batch
     infer.py    inference: reference logits and greedy tokens -> the swapped model's -> a result per prompt
+    pages.py    --paged: the harness's page allocator and cache writes (a pool per layer, NaN where no token is)
+    paged.py    --paged: the model served through a paged kernel, prefill then decoding, judged step by step
+    paged_verdict.py  --paged: the first step and layer that differ from transformers, and what differs
     train.py    --train: loss and every parameter's gradient, then optimizer steps, against transformers
-    report.py   the table, the training lines, the JSON of both modes
-    run.py      the command line of both modes
+    report.py   the tables, the training lines, the JSON of every mode
+    run.py      the command line of every mode
     plot.py     `plot`: one layer's attention probabilities, ours beside transformers'
 """

@@ -1,5 +1,5 @@
-"""What an e2e run prints and writes: the per-prompt table (inference), the loss and gradient lines (--train), and
-the JSON documents of both modes, each carrying the device the run used."""
+"""What an e2e run prints and writes: the per-prompt table (inference, --paged), the loss and gradient lines
+(--train), and the JSON documents of every mode, each carrying the device the run used."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from dataclasses import asdict
 
 from harness.e2e.infer import LOGIT_RTOL, PromptResult
 from harness.e2e.model import sliding_layers
+from harness.e2e.paged import PagedResult
+from harness.e2e.paged_verdict import LAYER_RTOL, Verdict
 from harness.e2e.train import NOISE_FACTOR, TrainResult
 from harness.reference.family import head_dim
 
@@ -48,6 +50,44 @@ def report(model, impl: str, results: list[PromptResult], n: int, log=print) -> 
                 log(f"    swapped     : {r.text_impl!r}")
             if r.decode_tokens_equal is False:
                 log(f"    KV decode   : {r.text_decode!r}")
+
+
+def paged_report(model, spec: str, result: PagedResult, v: Verdict, log=print) -> None:
+    """--paged: one line per prompt, the verdict (the first step and layer that differ), the texts where tokens
+    differ."""
+    n = result.decode_steps + 1
+    log(f"\n{model.name}: {model.config['num_hidden_layers']} layers; float32; paged kernel {spec} in every layer; "
+        f"page size {result.page_size}, {result.num_blocks} blocks per layer; prefill and {result.decode_steps} decode "
+        f"steps ({n} greedy tokens)")  # fmt: skip
+    log(f"  {'prompt':32s} {'tokens':>6s} {'prefill |diff|':>14s} {'steps |diff|':>12s} {'tolerance':>9s} "
+        f"{'gen tokens':>10s} {'first bad':>9s}  verdict")  # fmt: skip
+    for p in result.prompts:
+        bad = "-" if p.first_bad_step is None else ("prefill" if p.first_bad_step == 0 else f"step {p.first_bad_step}")
+        log(f"  {short(p.prompt, 32):32s} {p.n_prompt_tokens:6d} {p.prefill_max_logit_abs_err:14.2e} "
+            f"{p.steps_max_logit_abs_err:12.2e} {p.tolerance:9.1e} {'identical' if p.tokens_equal else 'DIFFER':>10s} "
+            f"{bad:>9s}  {'OK' if p.passed else 'NOT OK'}")  # fmt: skip
+    log(f"  max |logit diff| vs transformers: prefill at every prompt position (its forward); steps: each decode step "
+        f"against generate's logits, while the tokens agree; tolerance: {LOGIT_RTOL:g} x max |logit|")  # fmt: skip
+    log(f"\n  {v.text}")
+    for p in result.prompts:
+        if not p.tokens_equal:
+            log(f"\n  tokens differ for: {short(p.prompt, 60)}")
+            log(f"    HF generate : {p.text_ref!r}")
+            log(f"    paged       : {p.text_impl!r}")
+
+
+def paged_json(model: str, spec: str, device: str, passed: bool, fault, tokens: int, result: PagedResult | None,
+               v: Verdict | None, seconds: float) -> dict:  # fmt: skip
+    """The --paged result: the verdict (first step, layer, per-layer errors there) and every prompt's row."""
+    doc = {"model": model, "impl": spec, "contract": "paged", "device": device, "passed": passed, **_fault(fault),
+           "tokens": tokens, "logit_rtol": LOGIT_RTOL, "layer_rtol": LAYER_RTOL,
+           "seconds": round(seconds, 2)}  # fmt: skip
+    if result is not None and v is not None:
+        doc |= {"page_size": result.page_size, "num_blocks": result.num_blocks, "decode_steps": result.decode_steps,
+                "verdict": v.text, "first_step": v.step, "first_layer": v.layer, "diagnosis_stage": v.stage,
+                "layer_rel_errs": v.layer_rel_errs,
+                "prompts": [asdict(p) | {"device": device} for p in result.prompts]}  # fmt: skip
+    return doc
 
 
 def train_report(result: TrainResult, log=print) -> None:
