@@ -230,7 +230,7 @@ def smol():
     return load_model("smollm2-135m", **QUIET)
 
 
-@pytest.mark.slow
+@pytest.mark.gate  # real models / full matrices: a CI gate, out of make test's budget
 @pytest.mark.parametrize("name", ["paged_split", "paged_naive"])
 def test_smollm2_through_the_paged_builtins(smol, name):
     result = run_paged_e2e(smol, PAGED[name], list(DEFAULT_PROMPTS), 32)
@@ -238,13 +238,13 @@ def test_smollm2_through_the_paged_builtins(smol, name):
     assert "Paris" in result.prompts[0].text_impl
 
 
-@pytest.mark.slow
+@pytest.mark.gate  # real models / full matrices: a CI gate, out of make test's budget
 def test_smollm2_decode_query_at_zero_named(smol):
     result, v = run_bug(smol, "decode_query_at_zero")
     assert v.step == 1 and v.layer == 0 and v.text.startswith("prefill matches; step 1"), v.text
 
 
-@pytest.mark.slow
+@pytest.mark.gate  # real models / full matrices: a CI gate, out of make test's budget
 def test_gemma3_270m_through_paged_split():
     gemma3 = load_model("gemma3-270m", **QUIET)
     result = run_paged_e2e(gemma3, PAGED["paged_split"], list(DEFAULT_PROMPTS), 32)

@@ -189,7 +189,7 @@ def test_reference_kernels_pass_in_their_workers(tmp_path):
     assert skipped == {s.name for s in paged_cases.select(ALL, True) if s.uses()}, skipped
 
 
-@pytest.mark.slow
+@pytest.mark.gate  # real models / full matrices: a CI gate, out of make test's budget
 def test_reference_kernels_pass_the_full_matrices(refs):
     for name, fn, contract in (("attn", pr.attn, "paged"), ("split", pr.split, "paged"), ("varlen", pr.varlen,
                                                                                            "varlen")):  # fmt: skip
@@ -323,7 +323,7 @@ def test_a_spec_that_does_not_exist_is_one_line(args, says):
     assert p.returncode == 2 and says in one_line_error(p), p.stderr
 
 
-@pytest.mark.slow  # a pytest run in a subprocess with a worker
+@pytest.mark.gate  # a pytest run in a subprocess with a worker (CI gate: out of make test's budget)
 def test_the_pytest_plugin_takes_paged_entries(tmp_path):
     """`--attention-paged SPEC`: an item per scenario and check, the bug's failing items naming its stage."""
     shutil.copy(ROOT / REF, tmp_path / "paged_ref.py")
