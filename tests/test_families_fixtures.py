@@ -111,7 +111,7 @@ def test_gemma3_fixture_real_quantized_and_not_committed(name):
     assert f.manifest["redistributable"] is False and {e.name: e.state for e in store.catalog()}[name] == store.CACHED
 
 
-@pytest.mark.slow
+@pytest.mark.gate  # loads the whole GGUF through transformers: a CI gate, out of make test's budget
 def test_gemma3_fixture_is_transformers_own_gguf_model():
     """Layer 5's input and output, bit for bit those of transformers' whole model loaded from the same GGUF (its
     loader's conventions: Gemma's norms 1 + w stored, q/k not permuted), with the prompt's tokens."""
@@ -286,7 +286,7 @@ def test_reference_plugin_passes_and_a_dropped_bias_fails(tmp_path):
     assert not broken["passed"] and "one_token" in broken["failing"]
 
 
-@pytest.mark.slow
+@pytest.mark.gate  # every new fixture through verify in workers: a CI gate, out of make test's budget
 def test_reference_plugin_passes_on_every_new_fixture(tmp_path):
     """Every dtype of the quick set, forward and gradients, --impl and --module, on every new fixture."""
     names = [n for n in ALL if (FIXTURES / n / "manifest.json").is_file()]

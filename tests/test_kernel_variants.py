@@ -325,7 +325,7 @@ def test_transformers_functions_pass_the_quick_scenarios_in_process():
     check_plugins(doc, quick=True)
 
 
-@pytest.mark.slow
+@pytest.mark.gate  # the same in workers as the in-process test above: a CI gate, out of make test's budget
 def test_transformers_functions_pass_the_quick_scenarios(tmp_path):
     p, doc = plugin_run(tmp_path, "--quick")
     assert p.returncode == 0, p.stdout[-3000:]
