@@ -84,7 +84,7 @@ def test_every_fault_is_its_verdict(tmp_path):
     assert imp["stage"] == "crash" and "exited with code 0" in imp["hint"] and "importing" in imp["hint"]
 
 
-@pytest.mark.slow
+@pytest.mark.gate  # workers run twice over: a CI gate, out of make test's budget
 def test_an_innocent_verdict_does_not_depend_on_what_ran_before(tmp_path):
     """Hostile plug-ins that edit their inputs, change torch's default dtype or patch the comparison run first;
     the innocent one (and a built-in after them) must get exactly the rows it gets alone."""

@@ -276,6 +276,7 @@ def verdicts(tmp_path, args) -> dict:
     return {(v["fixture"], v["impl"]): v for v in doc["verdicts"]}
 
 
+@pytest.mark.gate  # through verify in workers, as the every-fixture gate test above: out of make test's budget
 def test_reference_plugin_passes_and_a_dropped_bias_fails(tmp_path):
     """GPT-OSS's layer has every kind of extra: biases on all four projections, sinks, a window, yarn RoPE."""
     name = "gpt-oss-synthetic"

@@ -85,7 +85,7 @@ def test_the_textbook_pipeline_is_correct_and_exact_in_float64():
             assert float((ours - hf).abs()[keep].max()) < 1e-9, (fx.name, name)
 
 
-@pytest.mark.slow
+@pytest.mark.gate  # the mutants command end to end: a CI gate (make mutants runs beside it)
 def test_cli_subset_json_and_exit_codes(tmp_path):
     out = tmp_path / "m.json"
     p = run(["-m", "harness", "mutants", "--fixture", "smollm2-135m", "--mutant", "scale_missing",
@@ -136,7 +136,7 @@ def test_the_gate_fails_on_an_escape_and_on_wrong_stages(monkeypatch, capsys):
 SOLE = ["padding_ignored", "padding_inverted", "masked_rows_nan"]
 
 
-@pytest.mark.slow
+@pytest.mark.gate  # the gate's own failure mode: a CI gate, out of make test's budget
 def test_removing_a_scenario_a_mutant_depends_on_fails_the_gate(monkeypatch):
     """A mutant caught by a single scenario may depend on it: without that scenario it can escape (unless the
     next fixture catches it), and then the gate fails. Shown by removing each such scenario and re-running the
