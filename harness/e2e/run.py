@@ -89,11 +89,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     impl.prepare(a.timeout)
-    model = load_model(a.model)
-    if a.sliding_window:
-        narrow_window(model, a.sliding_window)
-    model.lm.to(device)
-    print(f"loaded {model.name} ({model.source}) in {model.seconds:.1f} s, on {device}")
+    model = _loaded(a, device)
     core = CORES.get(spec) if impl.builtin else None  # built-ins also decode with impl.decode's KV cache
     impl.deadline = time.monotonic() + a.timeout
     if a.train:
@@ -110,6 +106,16 @@ def main(argv=None) -> int:
         doc = infer_json(a.model, spec, contract, str(device), passed, fault, a.tokens, results, seconds)
         write_json(a.json, doc | {"sliding_window": a.sliding_window})  # null: the model's own
     return 0 if passed else 1
+
+
+def _loaded(a, device):
+    """The model on its device, its windows narrowed where --sliding-window asks; one line saying so."""
+    model = load_model(a.model)
+    if a.sliding_window:
+        narrow_window(model, a.sliding_window)
+    model.lm.to(device)
+    print(f"loaded {model.name} ({model.source}) in {model.seconds:.1f} s, on {device}")
+    return model
 
 
 def _guarded(impl, spec: str, run):
@@ -130,11 +136,7 @@ def paged_main(a, prompts: list[str]) -> int:
     page = a.page_size or DEFAULT_PAGE
     t0 = time.perf_counter()
     impl.prepare(a.timeout)
-    model = load_model(a.model)
-    if a.sliding_window:
-        narrow_window(model, a.sliding_window)
-    model.lm.to(device)
-    print(f"loaded {model.name} ({model.source}) in {model.seconds:.1f} s, on {device}")
+    model = _loaded(a, device)
     impl.deadline = time.monotonic() + a.timeout
 
     def run():
