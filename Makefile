@@ -22,7 +22,7 @@ SYNTH      := $(patsubst %,fixtures/%-synthetic/manifest.json,llama-3.2-1b rope-
 # layer (0) and a full-attention one (5); made here, never committed (.gitignore), the Gemma Terms beside them
 GEMMA      := fixtures/gemma3-270m/manifest.json fixtures/gemma3-270m-global/manifest.json
 
-.PHONY: setup upgrade-check lock verify verify-quick verify-grad e2e plot mutants bench bench-quick bench-window bench-paged test test-fast test-gate extract synthetic lint graph clean help
+.PHONY: fixtures-made setup upgrade-check lock verify verify-quick verify-grad e2e plot mutants bench bench-quick bench-window bench-paged test test-fast test-gate extract synthetic lint graph clean help
 
 help:
 	@echo "make setup | upgrade-check | lock | verify | verify-quick | verify-grad | e2e [MODEL=...] [IMPLS=...] | plot | mutants | bench [BENCH_ARGS=...] | bench-quick | bench-window | bench-paged | test | test-fast | test-gate | extract [SOURCE=...] [LAYER=N] | lint | graph | clean"
@@ -116,10 +116,14 @@ plot: $(STAMP)
 	$(PY) -m harness plot --model $(MODEL)
 
 # pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
-test: $(STAMP) $(SYNTH) $(GEMMA)
+# The generated fixtures two at a time: each extraction is one process on one core (make test's set-up)
+fixtures-made: | $(STAMP)
+	@$(MAKE) --no-print-directory -j2 $(SYNTH) $(GEMMA)
+
+test: $(STAMP) fixtures-made
 	@$(PY) -m pytest -q -m "not gate" $(PYTEST_ARGS) || { rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests (exit 5)"; exit $$rc; }
 
-test-fast: $(STAMP) $(SYNTH) $(GEMMA)
+test-fast: $(STAMP) fixtures-made
 	$(PY) -m pytest -q -m "not slow and not gate" $(PYTEST_ARGS)
 
 # The heaviest tests (the isolation attacks, the wheel built and installed): a CI gate, after make test
