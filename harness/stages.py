@@ -30,6 +30,10 @@ STAGES = (
     "seqlens",
     "varlen_boundary",
     "split_merge",
+    # context parallelism (--ring): how partial results combine, which keys a block shows, which block is where
+    "ring_merge",
+    "ring_mask",
+    "ring_order",
     "output_projection",
     "nonfinite",
     "unknown",

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.bugs import backward, pipeline
+from harness.bugs import backward, pipeline, ring_catalog
 from harness.bugs import family_mistakes as fm
 from harness.bugs import keywords as kw
 from harness.bugs import mistakes as m
@@ -58,7 +58,7 @@ class Bug:
     fn: Callable | None = field(default=None, repr=False)  # a whole layer instead (bugs outside the pipeline)
     held_out: bool = False  # never used by the diagnosis
     shows: Callable[[dict], bool] = field(default=always, repr=False)  # configs on which the bug can show at all
-    contract: str = "layer"  # the contract the mutation suite runs it through: "layer", "core", "paged", "varlen"
+    contract: str = "layer"  # the contract it runs through: "layer", "core", "paged", "varlen", "ring"
     kind: str = "forward"  # "backward": the forward is right, the gradients are not (caught by verify --grad)
 
     def layer(self) -> Callable:
@@ -67,7 +67,7 @@ class Bug:
 
     def kernel(self) -> Callable | None:
         """The bug as a kernel of the core contract, when it lives between the projections and o_proj."""
-        if self.contract in ("core", "paged", "varlen") and self.fn is not None:
+        if self.contract in ("core", "paged", "varlen", "ring") and self.fn is not None:
             return self.fn
         return pipeline.core(**self.steps) if self.steps and set(self.steps) <= pipeline.KERNEL_STEPS else None
 
@@ -429,6 +429,7 @@ CATALOG: list[Bug] = [
     Bug("grad_q_proj_first_sequence", "grad_projection", "q_proj's weight gradient from the first sequence only",
         "sum the weight gradient over the batch", {"project": m.project_backward_unsummed}, kind="backward", **HELD),
 ]  # fmt: skip
+CATALOG += [Bug(contract="ring", **e) for e in ring_catalog.ENTRIES]  # context parallelism (ring_catalog.py)
 
 BY_NAME = {b.name: b for b in CATALOG}
 
@@ -440,8 +441,14 @@ def suspects(config: dict) -> list[Bug]:
 
 
 def kernel_suspects() -> list[Bug]:
-    """The entries the diagnosis may match on a kernel: not held out, expressible as a kernel."""
-    return [b for b in CATALOG if not b.held_out and b.kind == "forward" and b.kernel() is not None]
+    """The entries the diagnosis may match on a kernel: not held out, expressible as a kernel, no process group."""
+    return [b for b in CATALOG if not b.held_out and b.kind == "forward" and b.contract != "ring"
+            and b.kernel() is not None]  # fmt: skip
+
+
+def ring_suspects() -> list[Bug]:
+    """The forward entries a --ring diagnosis may match: not held out, of the ring contract."""
+    return [b for b in CATALOG if not b.held_out and b.kind == "forward" and b.contract == "ring"]
 
 
 def grad_suspects(contract: str, config: dict | None = None) -> list[Bug]:
