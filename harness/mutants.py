@@ -52,7 +52,7 @@ def run_mutants(fixtures, bugs: list[Bug] = CATALOG, log=print, cache=None) -> l
     cache = {} if cache is None else cache
     for kind in ("forward", "backward"):  # backward bugs are verified with their gradients (verify --grad)
         grad = kind == "backward"
-        for contract in ("core", "paged", "varlen"):  # the kernel contracts: their own matrices, no fixture
+        for contract in ("core", "paged", "varlen", "ring"):  # the kernel contracts: their own matrices, no fixture
             cores = [b for b in bugs if b.contract == contract and b.kind == kind]
             if not cores:
                 continue
@@ -60,7 +60,7 @@ def run_mutants(fixtures, bugs: list[Bug] = CATALOG, log=print, cache=None) -> l
             rows, verdicts = verify([], [builtin(b.name, b.kernel(), contract) for b in cores], set(DTYPES.values()),
                                     quick=False, log=lambda *_: None, cache=cache, grad=grad)  # fmt: skip
             _record(found, cores, rows, verdicts)
-            what = {"core": "kernels", "paged": "paged kernels", "varlen": "varlen kernels"}[contract]
+            what = {"core": "kernels", "paged": "paged kernels", "varlen": "varlen kernels", "ring": "ring kernels"}[contract]
             log(f"  {what}{' (gradients)' * grad}: {len(cores)} mutants verified, "
                 f"{sum(b.name in found for b in cores)} caught, {time.perf_counter() - t0:.0f} s")  # fmt: skip
         for f in fixtures:

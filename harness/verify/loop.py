@@ -44,9 +44,18 @@ class Context:
 
 
 def judge(c, target, impl: Impl, ctx: Context, cases: list | None = None) -> tuple[list[Row], Verdict]:
-    """One implementation on one target under contract c (a module of contracts/)."""
+    """One implementation on one target under contract c (a module of contracts/); the contract's `annotate`
+    (optional) adds what it measured beside the comparisons (a ring's bytes) to the verdict."""
+    evidence: dict = {}
+    rows, v = _judge(c, target, impl, ctx, cases, evidence)
+    if hasattr(c, "annotate"):
+        c.annotate(v, evidence)
+    return rows, v
+
+
+def _judge(c, target, impl: Impl, ctx: Context, cases: list | None, evidence: dict) -> tuple[list[Row], Verdict]:
     cases = c.cases(target, ctx, impl) if cases is None else cases
-    rows, evidence, failed, passing, fault, skipped = [], {}, {}, [], None, []
+    rows, failed, passing, fault, skipped = [], {}, [], None, []
     if ctx.keep is not None:
         ctx.keep[(target.name, impl.spec)] = evidence
     for case in cases:

@@ -174,7 +174,10 @@ def serving(contract) -> str:
 
 def resolve(spec: str, contract: str = "layer", *, layout: str = "hf", device: str = "cpu") -> Impl:
     """A spec as given on the command line -> an Impl. The user's code is not imported here (its worker does)."""
-    builtins = contracts.get(contract).builtins()
+    c = contracts.get(contract)
+    builtins = c.builtins()
+    if hasattr(c, "implementation"):  # a contract whose code runs its own way (the ring: a process per rank)
+        return c.implementation(spec, builtins.get(spec), device)
     if spec in builtins:
         return Builtin(spec, contract, builtins[spec], layout=layout, device=device)
     if ":" not in spec:
@@ -212,7 +215,10 @@ def check_spec(spec: str) -> None:
 
 
 def builtin(name: str, fn, contract: str = "layer") -> Impl:
-    """Harness code under test in this process (the bug catalog, tests)."""
+    """Harness code under test in this process (the bug catalog, tests); a ring kernel in its rank processes."""
+    c = contracts.get(contract)
+    if hasattr(c, "implementation"):
+        return c.implementation(name, fn, "cpu")
     return Builtin(name, contract, fn)
 
 

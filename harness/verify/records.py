@@ -52,6 +52,7 @@ class Verdict:
     precision_ratio: float = 0.0  # the largest over its checks (1 = as precise as transformers)
     bit_exact: bool = False  # every float32 forward row exactly transformers' eager output (a note: report.py)
     skipped: list[dict] = field(default_factory=list)  # [{"scenario", "why"}]: not run; a failure under --strict
+    comm: dict | None = None  # a ring kernel's bytes per rank and comm_ratio (contracts/ring.py)
 
     def json(self) -> dict:
         return asdict(self)

@@ -64,6 +64,8 @@ def table(rows) -> str:
 def verdict_lines(verdicts, strict: bool = False) -> list[str]:
     lines = []
     for v in verdicts:
+        if v.comm:
+            lines.append(comm_line(v))
         if not v.passed:
             lines.append(f"FAIL {v.fixture} / {v.impl}: stage {v.stage}: {v.hint} (failing: {', '.join(v.failing)})"
                          + (f"; {skipped_text(v.skipped)}" if v.skipped else ""))  # fmt: skip
@@ -77,6 +79,14 @@ def verdict_lines(verdicts, strict: bool = False) -> list[str]:
             lines.append(f"{mark} {v.fixture} / {v.impl}: {skipped_text(v.skipped)}; a skip is not a pass"
                          + ("" if strict else " (--strict fails it)"))  # fmt: skip
     return lines
+
+
+def comm_line(v) -> str:
+    """`COMM ring-w4 / allgather: comm_ratio 1.00 (bytes sent / the ring's ideal, forward; ranks 1.00 1.00 ...)`."""
+    per = " ".join(f"{r['comm_ratio']:.2f}" for r in v.comm["ranks"])
+    sent = sum(r["bytes_sent"] for r in v.comm["ranks"])
+    return (f"COMM {v.fixture} / {v.impl}: comm_ratio {v.comm['comm_ratio']:.2f} (bytes sent / the ring's forward "
+            f"ideal, (W - 1) x K and V shard bytes; per rank {per}; {sent} bytes in all)")
 
 
 def skipped_text(skipped: list[dict], shown: int = 6) -> str:

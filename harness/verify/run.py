@@ -38,7 +38,7 @@ from harness.common import (
     write_atomic,
     write_json,
 )
-from harness.verify import ci_output, contracts, drift, isolation, loop, plot, report
+from harness.verify import ci_output, contracts, drift, isolation, launched, loop, plot, report
 from harness.verify.loop import Context
 from harness.verify.plugins import LAYOUTS, Impl, builtin, resolve
 from harness.verify.records import Row, Verdict
@@ -110,6 +110,8 @@ def main(argv=None) -> int:
                    "(docs/precision.md), or with --grad the gradient errors (docs/grad.md)")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
+    if launched.world() is not None and launched.rank() != 0:  # under torchrun: rank 0 reports and writes
+        a.json = a.junit = a.doc = a.plot = None
     if a.json:
         output_path(a.json, "--json")  # found now, not after the whole run
     if a.plot:
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
     if a.junit:
         output_path(a.junit, "--junit")
         ci_output.require_junitparser()
-    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    summary = os.environ.get("GITHUB_STEP_SUMMARY") if launched.world() is None or launched.rank() == 0 else None
     if summary:
         output_path(summary, "GITHUB_STEP_SUMMARY")
     unknown = [d for d in a.dtype if d not in DTYPES]
@@ -129,6 +131,12 @@ def main(argv=None) -> int:
     dtypes = {DTYPES[d] for d in a.dtype}
     device = str(resolve_device(a.device))
     asked = {c.NAME: getattr(a, c.OPTION.removeprefix("--").replace("-", "_")) or [] for c in named}
+    if launched.world() is not None:  # under torchrun: the launched processes are a ring's ranks
+        other = next((c.OPTION for c in named if asked[c.NAME] and c.NAME != "ring"), None)
+        if other:
+            raise UserError(f"under torchrun (WORLD_SIZE={launched.world()}) verify runs --ring only; run {other} "
+                            "without torchrun")  # fmt: skip
+        asked = {"ring": asked["ring"] or list(contracts.get("ring").builtins())}
     if not any(asked.values()):  # the default: every built-in of every contract
         asked = {c.NAME: list(c.builtins()) for c in named}
     impls = [resolve(spec, name, layout=a.weights_layout, device=device)
@@ -140,6 +148,11 @@ def main(argv=None) -> int:
     if a.accept_reference:
         drift.check_writable(fixtures)
     torch.manual_seed(0)
+    with launched.rank_zero_speaks():
+        return _run(a, impls, fixtures, dtypes, device, summary, t0)
+
+
+def _run(a, impls: list, fixtures: list, dtypes: set, device: str, summary: str | None, t0: float) -> int:
     runs: dict = {}
     rows, verdicts = [], []
     try:

@@ -147,14 +147,17 @@ def results(value) -> tuple[list[dict], dict[str, torch.Tensor]]:
     return descs, tensors
 
 
-def serve(spec: str, contract: str, proto_in: int, proto_out: int) -> None:
+def serve(spec: str, contract: str, proto_in: int, proto_out: int, serve_module: str = "") -> None:
     """The worker's main loop. Exits when the parent closes the channel. Each call names the function that runs
-    the code (`module:function`, taking (code, header, tensors, state)): this loop knows no contract."""
+    the code (`module:function`, taking (code, header, tensors, state)): this loop knows no contract. serve_module,
+    imported before the code, may set up what the code must find in place (the ring contract's byte counters)."""
     isolation.protect_self()  # another worker (or anything not privileged over this one) cannot open its memory
     isolation.die_with_parent()  # the judge (or the namespace's init) gone: this worker too
     for fd in (proto_in, proto_out):
         os.set_inheritable(fd, False)  # what the code starts does not get the channel
     try:
+        if serve_module:
+            importlib.import_module(serve_module)
         obj = import_spec(spec, {}, what=contract)
     except UserError as e:
         write_message(proto_out, {"ok": False, "error": {"type": "UserError", "message": str(e)}})
@@ -162,7 +165,7 @@ def serve(spec: str, contract: str, proto_in: int, proto_out: int) -> None:
     except Exception as e:  # noqa: BLE001 - reported to the parent, which decides
         write_message(proto_out, {"ok": False, "error": error(e)})
         return
-    write_message(proto_out, {"ok": True, "signature": signature_of(obj)})
+    write_message(proto_out, {"ok": True, "signature": signature_of(obj), "layouts": layouts_of(obj)})
     # key -> pristine weights (copied for every call), their config, what a module contract built from them
     state: dict[str, dict] = {"weights": {}, "configs": {}, "modules": {}}
     while True:
@@ -187,6 +190,21 @@ def signature_of(obj) -> dict:
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return {"names": [p.name for p in params if p.kind in named][:MAX_NAMES],
             "any": any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)}  # fmt: skip
+
+
+def layouts_of(obj) -> list[str] | None:
+    """The layouts a ring kernel declares (its `layouts` attribute), as words; None when it declares none."""
+    got = getattr(obj, "layouts", None)
+    if isinstance(got, str):
+        got = (got,)
+    return [x for x in got if isinstance(x, str)][:8] if isinstance(got, tuple | list) else None
+
+
+def claimed_layouts(d, known: tuple[str, ...]) -> tuple[str, ...] | None:
+    """A worker's word on its code's layouts, kept only where it names layouts the contract knows."""
+    if not isinstance(d, list):
+        return None
+    return tuple(x for x in known if x in d) or None
 
 
 def accepts(signature: dict | None, name: str) -> bool:
@@ -293,6 +311,7 @@ class Worker:
         self.ready = False  # launched and answered: its code imported
         self.sent: set[str] = set()  # weight keys the current worker holds
         self.signature: dict | None = None  # the code's keyword names, as its first worker claimed (None: not yet)
+        self.layouts: list | None = None  # its `layouts` attribute, as claimed (a list of words, unchecked)
 
     def launch(self) -> None:
         """Start the process without waiting for it: the workers of several implementations import torch and the
@@ -308,7 +327,7 @@ class Worker:
         to_worker, self.fd_in = os.pipe()  # the parent writes fd_in...
         self.fd_out, from_worker = os.pipe()  # ...and reads fd_out
         argv = [sys.executable, "-m", "harness.verify.worker", self.spec, self.contract, str(to_worker),
-                str(from_worker)]  # fmt: skip
+                str(from_worker), self.serve_module]  # fmt: skip
         try:
             self.proc = isolation.spawn(argv, env=env, log=self.log, pass_fds=(to_worker, from_worker))
         except BaseException:
@@ -331,6 +350,7 @@ class Worker:
             raise Fault("crash", f"importing {self.spec} failed: {_text(err.get('type'), 80)}: "
                         f"{_text(err.get('message'), 600)}", _text(err.get("traceback"), 60_000))  # fmt: skip
         self.signature = claimed_signature(header.get("signature"))
+        self.layouts = header.get("layouts")
         self.ready = True
 
     def _receive(self, deadline, doing: str, max_head: int, max_blob: int | None):
@@ -372,12 +392,20 @@ class Worker:
 
     def call(self, header: dict, tensors: dict, deadline: float | None, doing: str, max_blob: int | None = None):
         """-> (reply, [descriptions checked against the tensors that arrived], tensors by name)."""
+        self.send(header, tensors, deadline)
+        return self.reply(header, deadline, doing, max_blob)
+
+    def send(self, header: dict, tensors: dict, deadline: float | None) -> None:
+        """The first half of a call (several workers can then compute side by side: the ranks of a ring)."""
         if not self.ready:
             self.start(deadline)
         try:
-            write_message(self.fd_in, {**header, "device": self.device}, tensors)
+            write_message(self.fd_in, {"device": self.device, **header}, tensors)
         except OSError:
-            pass  # it died: the read below says how
+            pass  # it died: the read of its reply says how
+
+    def reply(self, header: dict, deadline: float | None, doing: str, max_blob: int | None = None):
+        """The second half: the reply to what `send` sent, checked (see call)."""
         reply, out = self._receive(deadline, doing, MAX_REPLY_HEADER, max_blob)
         if reply.get("ok") is not True:
             err = reply.get("error") if isinstance(reply.get("error"), dict) else {}
@@ -433,4 +461,4 @@ def _exit_words(code: int) -> str:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    serve(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else "")

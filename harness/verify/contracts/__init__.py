@@ -34,6 +34,8 @@ REGISTRY: dict[str, str] = {
     "core_grad": "harness.verify.contracts.core_grad",
     "paged": "harness.verify.contracts.paged",
     "varlen": "harness.verify.contracts.varlen",
+    "ring": "harness.verify.contracts.ring",
+    "ring_grad": "harness.verify.contracts.ring_grad",
 }
 
 

@@ -1,0 +1,300 @@
+"""Where a ring kernel goes wrong: probes run on its ranks that read back the whole attention pattern.
+
+The probe: q = sqrt(d) e_0, key t = a_t e_0, value t = e_t (d >= S). With the default scale every score is a_t, so
+query p's output IS its row of attention weights: out[p, t] = exp(a_t) / sum over visible t' of exp(a_t'), zero for
+a key it must not see. a_t grows by chunk, so every block has its own max (an unrescaled merge shows), and the
+pattern tells, for each query rank i and each key block j (the tokens rank j holds), which keys were seen and with
+what weight: which ranks' outputs a rank's keys move, and by how much.
+
+    a block seen with the wrong keys inside it          ring_mask    (a mask from the wrong positions: diagonal vs
+                                                                      remote, zigzag's two chunks)
+    blocks swapped (each seen as another's), or a       ring_order   (the wrong neighbour; the own block skipped;
+      whole block missing, or counted twice                           counted twice)
+    the right keys with the wrong weights: rows not     ring_merge   (no rescaling to the new max, normalised outputs
+      summing to 1, a block scaled by a constant                      summed, the lse's base)
+    a returned lse off where the output is right        ring_merge
+    weights off by a power of exp(a_t) (every key)      scale
+Where the probe shows nothing, the failing scenarios' names say what differs (bfloat16, GQA, the scale).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from harness.verify import ring_cases
+from harness.verify.diagnosis.evidence import Diagnosis
+from harness.verify.worker import Fault
+
+SEEN = 1e-6  # a weight above this was seen: the probe's smallest weight is exp(-7 x STEP) / S, far above
+TOL = 1e-4  # float32 weights of order 1/S: rounding is ~1e-7
+STEP = 0.75  # a_t's rise per chunk: block maxima 0.75 apart
+
+
+@dataclass
+class RingRun:
+    case: ring_cases.RingCase
+    ref: ring_cases.RingRef
+    out: torch.Tensor
+    lse_err: float | None
+    comm: list[dict]
+
+
+Run = Callable[..., object]  # (case, parts, causal=, scale=) -> RingGot (contracts/ring.py)
+
+
+def probe_case(c: ring_cases.RingCase) -> ring_cases.RingCase:
+    S = 8 * c.W
+    s = ring_cases.RingScenario("probe", S, causal=c.causal, B=1, H=c.s.H, Hkv=c.s.Hkv, d=max(S, 16))
+    return replace(c, s=s)
+
+
+def probe_inputs(c: ring_cases.RingCase) -> tuple[list[dict], torch.Tensor]:
+    """The ranks' shards, and a (S,) the scores."""
+    s = c.s
+    S, d = s.S, s.d
+    t = torch.arange(S)
+    a = STEP * (t // (S // (2 * c.W))) + 0.05 * (t % (S // (2 * c.W)))  # (S,)
+    q = torch.zeros(1, s.H, S, d)
+    q[..., 0] = math.sqrt(d)  # with scale 1/sqrt(d), score = a_t
+    k = torch.zeros(1, s.Hkv, S, d)
+    k[..., 0] = a
+    v = torch.eye(S, d).expand(1, s.Hkv, S, d).clone()  # value t = e_t
+    parts = [ring_cases.shard(x, c.W, c.layout) for x in (q, k, v)]
+    return [{"q": x, "k": y, "v": z} for x, y, z in zip(*parts, strict=True)], a
+
+
+def expected(a: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, S) the attention weights, and (S,) the lse, in float64."""
+    S = len(a)
+    keep = torch.ones(S, S, dtype=torch.bool)
+    if causal:
+        keep = torch.tril(keep)
+    s = a.double()[None, :].expand(S, S).masked_fill(~keep, float("-inf"))
+    return torch.softmax(s, -1), torch.logsumexp(s, -1)
+
+
+def diagnose_ring(runs: dict, failing: list[str], passing: list[str], run: Run) -> Diagnosis:
+    forward = [n for n in failing if ":" not in n]
+    only_lse = [n.split(":")[0] for n in failing if n.endswith(":lse")]
+    names = forward or only_lse
+    pick = sorted(names, key=lambda n: (runs[n].case.dtype != torch.float32, "padded" in n))[0] if names else None
+    if pick is None or pick not in runs:
+        return Diagnosis("unknown", "no output to diagnose (every failing case raised): see the verdict's error")
+    c = probe_case(runs[pick].case)
+    parts, a = probe_inputs(c)
+    try:
+        got = run(c, parts, causal=c.causal, scale=None, doing="running the rank probe")
+    except Fault as e:
+        return Diagnosis("unknown", f"the rank probe ({c.W} ranks, {c.layout}) faulted: {e.message}")
+    P = got.out[0, 0, :, : c.s.S].double()  # (S, S): query p's weights over keys t
+    want, lse = expected(a, c.causal)
+    where = f"(probe: {c.W} ranks, {c.layout}, {'causal' if c.causal else 'not causal'}, S={c.s.S})"
+    d = pattern(P, want, c) or weights(P, want, c, a)
+    if d is not None:
+        return Diagnosis(d.stage, f"{d.hint} {where}", d.matched)
+    if got.lse is not None and (err := float((got.lse[0, 0].double() - lse).abs().max())) > 1e-3:
+        base2 = float((got.lse[0, 0].double() - lse / math.log(2)).abs().max()) < 1e-3
+        why = "it is in base 2 (log2), not the natural log" if base2 else f"off by up to {err:.3g}"
+        return Diagnosis("ring_merge", f"the output is right but the returned lse is not the log-sum-exp of each "
+                         f"row: {why} {where}", "probe:lse")  # fmt: skip
+    return by_scenarios(forward, only_lse, runs, where)
+
+
+def blocks(c: ring_cases.RingCase) -> list[torch.Tensor]:
+    """Each rank's token positions: its queries' rows, its keys' columns."""
+    return [ring_cases.tokens(c.s.S, c.W, c.layout, r) for r in range(c.W)]
+
+
+def moved(vis: torch.Tensor, idx: list[torch.Tensor]) -> dict[int, list[int]]:
+    """Source rank j -> the query ranks whose outputs its keys move."""
+    W = len(idx)
+    return {j: [i for i in range(W) if bool(vis[idx[i]][:, idx[j]].any())] for j in range(W)}
+
+
+def pattern(P: torch.Tensor, want: torch.Tensor, c) -> Diagnosis | None:
+    if not bool(torch.isfinite(P).all()):
+        rows = sorted({int(x) for x in (~torch.isfinite(P)).nonzero()[:, 0]})
+        return Diagnosis("ring_merge", f"NaN or Inf in the output of queries {rows[:8]}: a partial result from a "
+                         "block the query sees nothing of (lse -inf) entered the merge unguarded", "probe:nonfinite")
+    obs, exp = P.abs() > SEEN, want > 0
+    if bool((obs == exp).all()):
+        return None
+    idx, W = blocks(c), c.W
+    cell = {(i, j): (obs[idx[i]][:, idx[j]], exp[idx[i]][:, idx[j]]) for i in range(W) for j in range(W)}
+    bad = [(i, j) for (i, j), (o, e) in cell.items() if not bool((o == e).all())]
+    got_m, want_m = moved(obs, idx), moved(exp, idx)
+    movers = "; ".join(f"rank {j}'s keys move ranks {got_m[j]} (should: {want_m[j]})" for j in range(W)
+                       if got_m[j] != want_m[j])  # fmt: skip
+    movers = f" Asked on the ranks: {movers}." if movers else ""
+    swapped = [i for i in range(W) if _permuted(i, cell, W)]
+    if swapped:
+        i = swapped[0]
+        seen_as = {j: k for j in range(W) for k in range(W) if bool((cell[(i, j)][0] == cell[(i, k)][1]).all())
+                   and j != k}  # fmt: skip
+        pairs = ", ".join(f"rank {j}'s block masked as rank {k}'s" for j, k in list(seen_as.items())[:3])
+        return Diagnosis("ring_order", f"rank {i} sees each block with another block's mask ({pairs}): the blocks "
+                         f"arrive in another order than the masks assume (received from the wrong neighbour?)."
+                         f"{movers}", "probe:permuted")  # fmt: skip
+    missing = [(i, j) for i, j in bad if not bool(cell[(i, j)][0].any()) and bool(cell[(i, j)][1].any())]
+    if missing and len(missing) == len(bad):
+        own = all(i == j for i, j in missing)
+        what = "its own block" if own else ", ".join(f"rank {j}'s block" for _, j in missing[:4])
+        return Diagnosis("ring_order", f"whole blocks are never merged: rank {missing[0][0]} never uses {what} "
+                         f"(every key of it unseen).{movers}", "probe:missing")  # fmt: skip
+    i, j = bad[0]
+    o, e = cell[(i, j)]
+    extra, lost = int((o & ~e).sum()), int((e & ~o).sum())
+    return Diagnosis("ring_mask", f"rank {i}'s queries see rank {j}'s block with the wrong mask: {extra} query-key "
+                     f"pairs seen that must not be, {lost} unseen that must be ({len(bad)} of {W * W} (rank, block) "
+                     f"pairs wrong).{movers}", "probe:mask")  # fmt: skip
+
+
+def _permuted(i: int, cell: dict, W: int) -> bool:
+    """Is rank i's row of blocks the right set of masks, each on the wrong block (and not just right)?"""
+    obs = [cell[(i, j)][0] for j in range(W)]
+    exp = [cell[(i, j)][1] for j in range(W)]
+    used: set[int] = set()
+    for o in obs:
+        k = next((k for k in range(W) if k not in used and bool((o == exp[k]).all())), None)
+        if k is None:
+            return False
+        used.add(k)
+    return not all(bool((obs[j] == exp[j]).all()) for j in range(W))
+
+
+def weights(P: torch.Tensor, want: torch.Tensor, c, a: torch.Tensor) -> Diagnosis | None:
+    """The right keys seen: are their weights right?"""
+    if float((P - want).abs().max()) <= TOL:
+        return None
+    sums = P.sum(-1)
+    if float((sums - 1).abs().max()) > 1e-3:
+        p = int((sums - 1).abs().argmax())
+        return Diagnosis("ring_merge", f"query {p}'s weights sum to {float(sums[p]):.3f}, not 1: the blocks' partial "
+                         "outputs are not renormalised to the merged denominator (summed as they are?)",
+                         "probe:rowsum")  # fmt: skip
+    vis = want > 0
+    ratio = torch.where(vis, P / want.clamp_min(1e-300), torch.ones_like(P)).log()  # (S, S)
+    # a wrong scale multiplies every score: log ratio linear in a_t along each row
+    slope = _slope(ratio, a, vis)
+    if slope is not None and abs(slope) > 1e-2:
+        return Diagnosis("scale", f"every weight is off by exp({slope:+.3f} x its score): the scores are scaled "
+                         "wrong (the scale argument, or the default 1/sqrt(d))", "probe:scale")  # fmt: skip
+    idx = blocks(c)
+    for i in range(c.W):
+        twice = _multiples(ratio, vis, idx[i], idx)
+        if twice is not None:
+            j, k = twice
+            return Diagnosis("ring_order", f"rank {i} counts rank {j}'s block {k} times (its weights, row by row, "
+                             f"{k} times the other blocks'): a block is merged more than once", "probe:twice")
+    i = next(i for i in range(c.W) if float((P[idx[i]] - want[idx[i]]).abs().max()) > TOL)
+    return Diagnosis("ring_merge", f"rank {i} sees the right keys with the wrong weights, one wrong factor per block: "
+                     "the partial results are not rescaled to the common max when merged (or the lse's base is not "
+                     "e)", "probe:weights")  # fmt: skip
+
+
+def _multiples(ratio: torch.Tensor, vis: torch.Tensor, rows: torch.Tensor, idx: list) -> tuple[int, int] | None:
+    """Within each query row, one factor per block, and the factors integer multiples of the smallest (the same
+    on every row): (the block counted most, how many times), else None."""
+    found: dict[int, int] = {}
+    for p in rows.tolist():
+        f = {}
+        for j, cols in enumerate(idx):
+            m = vis[p, cols]
+            if bool(m.any()):
+                r = ratio[p, cols][m]
+                if float(r.max() - r.min()) > 1e-3:
+                    return None
+                f[j] = float(r.mean())
+        if len(f) < 2:
+            continue
+        low = min(f.values())
+        for j, x in f.items():
+            k = math.exp(x - low)
+            if abs(k - round(k)) > 1e-3:
+                return None
+            if found.setdefault(j, round(k)) != round(k):
+                return None
+    top = max(found.items(), key=lambda x: x[1], default=None)
+    return top if top is not None and top[1] > 1 else None
+
+
+def _slope(ratio: torch.Tensor, a: torch.Tensor, vis: torch.Tensor) -> float | None:
+    """The least-squares slope of log(weight ratio) against the score, rows centred; None if not a line."""
+    x = a.double()[None, :].expand_as(ratio)
+    xs, ys = [], []
+    for p in range(ratio.shape[0]):
+        m = vis[p]
+        if int(m.sum()) > 1:
+            xs.append(x[p][m] - x[p][m].mean())
+            ys.append(ratio[p][m] - ratio[p][m].mean())
+    if not xs:
+        return None
+    X, Y = torch.cat(xs), torch.cat(ys)
+    if float((X * X).sum()) == 0:
+        return None
+    k = float((X * Y).sum() / (X * X).sum())
+    return k if float((Y - k * X).abs().max()) < 1e-3 else None
+
+
+def by_scenarios(forward: list[str], only_lse: list[str], runs: dict, where: str) -> Diagnosis:
+    """The probe sees nothing wrong: what the failing scenarios share."""
+    names = forward or only_lse
+    base = {n.split("/")[0] for n in names}
+    if only_lse and not forward:
+        return Diagnosis("ring_merge", f"the output is right, the returned lse is not ({', '.join(sorted(base))}) "
+                         f"{where}", "scenario:lse")  # fmt: skip
+    if base == {"bfloat16"}:
+        return Diagnosis("accumulation_precision", f"only bfloat16 fails: accumulate in float32 {where}",
+                         "scenario:bfloat16")  # fmt: skip
+    if base <= {"gqa_8_2"}:
+        return Diagnosis("gqa", f"only the GQA scenario fails (8 query heads on 2 KV heads): KV head j serves query "
+                         f"heads j*g .. j*g+g-1 {where}", "scenario:gqa")  # fmt: skip
+    if base <= {"scale_0.3"}:
+        return Diagnosis("scale", f"only the explicit scale fails: use `scale` when given {where}", "scenario:scale")
+    return Diagnosis("unknown", f"the rank probe sees every block where it belongs, weighted right; failing: "
+                     f"{', '.join(sorted(base))} {where}")  # fmt: skip
+
+
+def diagnose_ring_grad(runs: dict, failing: dict[str, list[str]]) -> Diagnosis:
+    """The forward passed. failing: scenario -> the gradients (q, k, v) wrong there."""
+    names = sorted(failing, key=lambda n: runs[n].dtype != torch.float32)
+    n = names[0]
+    run, wrong = runs[n], failing[n]
+    if any(not bool(torch.isfinite(run.got[k]).all()) for k in wrong):
+        return Diagnosis("grad_nonfinite", f"NaN/Inf in d{', d'.join(wrong)} ({n})", "nonfinite")
+    r, g, c = run.inputs
+    if "q" not in wrong and set(wrong) & {"k", "v"}:
+        local = _own_queries_only(r, g, c)
+        alone = all(_close(run.got[k], local[k]) for k in ("k", "v") if k in wrong)
+        why = ("each rank's dK/dV hold only its own queries' contribution: the partial gradients the other ranks "
+               "computed for its keys never came back to it" if alone else "dK/dV are wrong while dQ is right: the "
+               "K/V gradients travelling the ring do not end, summed, at the rank that owns the keys")  # fmt: skip
+        return Diagnosis("ring_order", f"{why} ({n}, {c.W} ranks, {c.layout})", "grad:owners")
+    return Diagnosis("grad_unknown", f"the forward is right; wrong: d{', d'.join(wrong)} ({n}, {c.W} ranks, "
+                     f"{c.layout})")  # fmt: skip
+
+
+def _own_queries_only(r, g, c) -> dict:
+    """dk, dv as a rank would have them if only its own queries counted, float64 (transformers' function)."""
+    from harness.verify import kernel_hf
+
+    q, k, v = (x.double().detach().requires_grad_(True) for x in (r.q, r.k, r.v))
+    S = r.q.shape[2]
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    with torch.enable_grad():
+        out = kernel_hf.forward(q, k, v, r.keep4, r.scale, path="float64")  # (B, H, S, d)
+        for rank in range(c.W):
+            tok = ring_cases.tokens(c.padded, c.W, c.layout, rank)
+            tok = tok[tok < S]
+            gk, gv = torch.autograd.grad((out[:, :, tok] * g.double()[:, :, tok]).sum(), [k, v], retain_graph=True)
+            dk[:, :, tok], dv[:, :, tok] = gk[:, :, tok], gv[:, :, tok]
+    return {"k": dk, "v": dv}
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    scale = float(b.abs().max()) or 1.0
+    return float((a.double() - b).abs().max()) <= 1e-3 * scale
