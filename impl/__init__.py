@@ -31,10 +31,11 @@ and q/k norms, and the output projection), layer (the family's kernel keywords, 
 loop, tiled (FlashAttention-2 style, forward and backward in PyTorch: tiled, tiled_forward, tiled_backward, tiles),
 flash_triton (FlashAttention-2 forward and backward kernels in Triton), sdpa, decode (KV cache); the serving path:
 paged (a paged KV cache: the textbook and flash-decoding), paged_triton (a Triton paged decode kernel), varlen
-(packed batches).
+(packed batches); the sharded path: ring (ring attention over torch.distributed: ring_layout, ring_forward,
+ring_backward, and the all-gather baseline).
 """
 
-from impl import flash_triton, loop, naive, paged, paged_triton, sdpa, tiled, varlen
+from impl import flash_triton, loop, naive, paged, paged_triton, ring, sdpa, tiled, varlen
 
 IMPLEMENTATIONS = {
     "naive": naive.attention,
@@ -81,6 +82,19 @@ PAGED = {"paged_naive": paged.paged_naive, "paged_split": paged.paged_split, "pa
 #     out [total_q, H, d] in q's dtype; lse [H, total_q] float32
 VARLEN = {"varlen_tiled": varlen.varlen_tiled}
 
+# The ring contract (every entry of RING; impl/ring.py): context parallelism, the sequence sharded across the ranks of
+# a torch.distributed group; called on every rank with its own shard.
+#   attn(q, k, v, *, group, causal=True, scale=None, layout="contiguous") -> out or (out, lse)
+#     q [B, H, S/W, d]; k, v [B, Hkv, S/W, d]: this rank's tokens (GQA as the core contract); group: the process
+#     group (dist.get_rank(group), dist.get_world_size(group), dist.get_global_rank(group, r) for p2p peers)
+#     layout "contiguous": rank r holds tokens [r*S/W, (r+1)*S/W); "zigzag": 2W equal chunks, rank r holds chunk r
+#       then chunk 2W-1-r (impl/ring_layout.py); fn.layouts declares the ones it runs (default ("contiguous",))
+#     causal by GLOBAL positions: key t visible from query p iff t <= p; scale None means 1/sqrt(d)
+#     out [B, H, S/W, d] in q's dtype; lse [B, H, S/W] float32 natural log (float64 inputs: float64, as the cores)
+#     backward (autograd): dq for this rank's queries; dk, dv for its shard with every rank's queries' shares
+#     communication through torch.distributed's module attributes at call time (dist.isend, dist.all_gather, ...)
+RING = {"ring": ring.ring, "ring_zigzag": ring.ring_zigzag, "allgather": ring.allgather}
+
 # Run in Triton's interpreter when their inputs are on a CPU (correct, but Python-speed): the harness gives them a
 # shorter scenario list there.
 INTERPRETED_ON_CPU = {"triton"}
@@ -92,4 +106,4 @@ def context_of(result):
     return result[0] if isinstance(result, tuple) else result
 
 
-__all__ = ["IMPLEMENTATIONS", "CORES", "PAGED", "VARLEN", "INTERPRETED_ON_CPU", "context_of"]
+__all__ = ["IMPLEMENTATIONS", "CORES", "PAGED", "VARLEN", "RING", "INTERPRETED_ON_CPU", "context_of"]
