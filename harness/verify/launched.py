@@ -23,12 +23,13 @@ import torch
 
 from harness.verify import ring_serve  # noqa: F401 - the byte counters, installed before the code is imported
 from harness.verify.plugins import Impl
-from harness.verify.ranks import LAYOUTS
+from harness.verify.ranks import LAYOUTS, verdict
 from harness.verify.specs import import_spec
 from harness.verify.worker import Fault, accepts, checked, claimed_layouts, error, layouts_of, pack, results
 from harness.verify.worker import signature_of, unpack
 
 _STATE: dict = {}
+CODE_TIMEOUT_S = 300.0  # the code's process group: at most this long blocked in one collective (or --timeout)
 
 
 def world() -> int | None:
@@ -53,9 +54,10 @@ def init(device: str, timeout: float) -> None:
     backend = "nccl" if str(device).startswith("cuda") else "gloo"
     if str(device).startswith("cuda"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    t = datetime.timedelta(seconds=timeout)
-    dist.init_process_group(backend, init_method="env://", timeout=t)
-    _STATE["mine"] = dist.new_group(backend="gloo", timeout=t)
+    # a rank whose code raised never joins its peers' collective: they wait for the group's timeout, then raise
+    code = datetime.timedelta(seconds=min(timeout, CODE_TIMEOUT_S))
+    dist.init_process_group(backend, init_method="env://", timeout=code)
+    _STATE["mine"] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout + CODE_TIMEOUT_S))
 
 
 @contextmanager
@@ -77,6 +79,11 @@ class Launched(Impl):
     def __init__(self, spec: str, contract: str, fn, device: str = "cpu"):
         super().__init__(spec, contract, device=device)
         self.fn = fn
+        self.broken = False  # after a fault the code's group may be wedged: it is not called again
+
+    @property
+    def alive(self) -> bool:
+        return not self.broken
 
     @property
     def builtin(self) -> bool:
@@ -114,8 +121,16 @@ class Launched(Impl):
             message = pack({"ok": True, "results": descs}, out)
         except Exception as e:  # noqa: BLE001 - this rank's code raised: told to every rank, the verdict of all
             message = pack({"ok": False, "error": error(e)})
-        replies = exchange(message, W, _STATE["mine"])
-        return [_read(r, m, doing) for r, m in enumerate(replies)]
+        got, faults = [], []
+        for r, m in enumerate(exchange(message, W, _STATE["mine"])):
+            try:
+                got.append(_read(r, m, doing))
+            except Fault as e:
+                faults.append((r, e))
+        if faults:
+            self.broken = True
+            raise verdict(faults, [], W, doing, ended=False)
+        return got
 
 
 def exchange(message: bytes, W: int, group) -> list[bytes]:
@@ -134,13 +149,14 @@ def exchange(message: bytes, W: int, group) -> list[bytes]:
 
 
 def _read(r: int, message: bytes, doing: str) -> tuple[list, list]:
+    """One rank's reply, checked as a worker's is."""
     import struct
 
     n_head, n_blob = struct.unpack("<QQ", message[:16])
     reply, tensors = unpack(message[16 : 16 + n_head], message[16 + n_head : 16 + n_head + n_blob])
     if reply.get("ok") is not True:
         err = reply.get("error") or {}
-        raise Fault("crash", f"rank {r}: raised {err.get('type')}: {err.get('message')} while {doing}",
+        raise Fault("crash", f"raised {err.get('type')}: {err.get('message')} while {doing}",
                     err.get("traceback"))  # fmt: skip
     descs = checked(reply, dict(tensors))
     return descs, [tensors.get(f"r{i}") for i in range(len(descs))]

@@ -163,7 +163,7 @@ class Ranks(Impl):
             self.early = None
 
 
-def verdict(faults: list[tuple[int, Fault]], waiting: list[int], W: int, doing: str) -> Fault:
+def verdict(faults: list[tuple[int, Fault]], waiting: list[int], W: int, doing: str, ended: bool = True) -> Fault:
     """The group's fault: the first rank that failed, named; or the ranks that never returned."""
     if faults:
         # the cause, not its echo: a peer's transport error ("Connection reset by peer") follows the rank that died
@@ -171,7 +171,8 @@ def verdict(faults: list[tuple[int, Fault]], waiting: list[int], W: int, doing: 
         r, first = faults[0]
         after = [f"rank {q} ({f.stage})" for q, f in faults[1:]] + [f"rank {q} (no answer)" for q in waiting]
         more = f"; then {', '.join(after)}, waiting on it" if after else ""
-        return Fault(first.stage, f"rank {r} of {W}: {first.message}{more}; every rank process was ended",
+        return Fault(first.stage, f"rank {r} of {W}: {first.message}{more}; every rank process was ended"
+                     if ended else f"rank {r} of {W}: {first.message}{more}",
                      first.traceback)  # fmt: skip
     names = ", ".join(map(str, waiting))
     done = sorted(set(range(W)) - set(waiting))
