@@ -60,7 +60,8 @@ def run_mutants(fixtures, bugs: list[Bug] = CATALOG, log=print, cache=None) -> l
             rows, verdicts = verify([], [builtin(b.name, b.kernel(), contract) for b in cores], set(DTYPES.values()),
                                     quick=False, log=lambda *_: None, cache=cache, grad=grad)  # fmt: skip
             _record(found, cores, rows, verdicts)
-            what = {"core": "kernels", "paged": "paged kernels", "varlen": "varlen kernels", "ring": "ring kernels"}[contract]
+            what = {"core": "kernels", "paged": "paged kernels", "varlen": "varlen kernels",
+                    "ring": "ring kernels"}[contract]  # fmt: skip
             log(f"  {what}{' (gradients)' * grad}: {len(cores)} mutants verified, "
                 f"{sum(b.name in found for b in cores)} caught, {time.perf_counter() - t0:.0f} s")  # fmt: skip
         for f in fixtures:

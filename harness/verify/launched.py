@@ -25,8 +25,18 @@ from harness.verify import ring_serve  # noqa: F401 - the byte counters, install
 from harness.verify.plugins import Impl
 from harness.verify.ranks import LAYOUTS, verdict
 from harness.verify.specs import import_spec
-from harness.verify.worker import Fault, accepts, checked, claimed_layouts, error, layouts_of, pack, results
-from harness.verify.worker import signature_of, unpack
+from harness.verify.worker import (
+    Fault,
+    accepts,
+    checked,
+    claimed_layouts,
+    error,
+    layouts_of,
+    pack,
+    results,
+    signature_of,
+    unpack,
+)
 
 _STATE: dict = {}
 CODE_TIMEOUT_S = 300.0  # the code's process group: at most this long blocked in one collective (or --timeout)

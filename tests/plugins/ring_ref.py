@@ -102,3 +102,75 @@ def allgather_zigzag_blind(q, k, v, *, group, causal=True, scale=None, layout="c
 
 
 allgather_zigzag_blind.layouts = ("zigzag",)
+
+
+# -- mistakes written apart from the bug catalog (whose ring bugs are steps of a textbook ring): each on the plain
+#    all-gather kernel, with the stage its verdict must name (tests/test_ring_contract.py)
+
+
+def _plain(q, k, v, group, causal, scale, layout, keys=None, keep=None, split=False):
+    W, r = dist.get_world_size(group), dist.get_rank(group)
+    S = q.shape[2] * W
+    with torch.no_grad():
+        kk, vv = _Gather.apply(k, group, layout), _Gather.apply(v, group, layout)  # (B, Hkv, S, d)
+    if keys is not None:
+        kk, vv = keys(kk, S, W, layout), keys(vv, S, W, layout)
+    g = q.shape[1] // k.shape[1]
+    kk, vv = kk.repeat_interleave(g, 1).float(), vv.repeat_interleave(g, 1).float()  # (B, H, S, d)
+    s = (q.float() @ kk.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    qp, kp = _positions(S, W, layout, r), torch.arange(S)
+    ok = (kp[None, :] <= qp[:, None]) if causal else torch.ones(len(qp), S, dtype=torch.bool)
+    if keep is not None:
+        ok = keep(ok, qp, kp, S, W, layout, r, causal)
+    s = s.masked_fill(~ok, float("-inf"))
+    if split:  # each half of the keys softmaxed alone, the two outputs added
+        h = S // 2
+        parts = [torch.nan_to_num(torch.softmax(s[..., a:b], -1)) @ vv[:, :, a:b] for a, b in ((0, h), (h, S))]
+        return (parts[0] + parts[1]).to(q.dtype)
+    return (torch.softmax(s, -1) @ vv).to(q.dtype)
+
+
+def future_ranks_seen(q, k, v, *, group, causal=True, scale=None, layout="contiguous"):
+    """Causal only inside the rank's own tokens: other ranks' later keys are seen."""
+
+    def keep(ok, qp, kp, S, W, lay, r, causal):
+        own = torch.zeros(S, dtype=torch.bool)
+        own[_positions(S, W, lay, r)] = True
+        return ok | ~own[None, :]
+
+    return _plain(q, k, v, group, causal, scale, layout, keep=keep)
+
+
+def own_keys_dropped(q, k, v, *, group, causal=True, scale=None, layout="contiguous"):
+    """The rank's own keys never enter (a row that sees nothing else gives NaN: a fault of its own)."""
+
+    def keep(ok, qp, kp, S, W, lay, r, causal):
+        own = torch.zeros(S, dtype=torch.bool)
+        own[_positions(S, W, lay, r)] = True
+        return ok & ~own[None, :]
+
+    return _plain(q, k, v, group, causal, scale, layout, keep=keep)
+
+
+def blocks_rotated(q, k, v, *, group, causal=True, scale=None, layout="contiguous"):
+    """Rank j's keys and values placed where rank j + 1's belong (and masked by those positions)."""
+
+    def keys(x, S, W, lay):
+        out = torch.empty_like(x)
+        for j in range(W):
+            out[:, :, _positions(S, W, lay, j)] = x[:, :, _positions(S, W, lay, (j - 1) % W)]
+        return out
+
+    return _plain(q, k, v, group, causal, scale, layout, keys=keys)
+
+
+def halves_summed(q, k, v, *, group, causal=True, scale=None, layout="contiguous"):
+    return _plain(q, k, v, group, causal, scale, layout, split=True)
+
+
+def scale_ignored(q, k, v, *, group, causal=True, scale=None, layout="contiguous"):
+    return _plain(q, k, v, group, causal, None, layout)
+
+
+for _f in (future_ranks_seen, own_keys_dropped, blocks_rotated, halves_summed, scale_ignored):
+    _f.layouts = ("contiguous", "zigzag")

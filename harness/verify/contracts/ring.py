@@ -164,8 +164,9 @@ def annotate(v, runs: dict) -> None:
     for r in range(W):
         sent = sum(c[r]["bytes_sent"] for c in cases.values())
         ideal = sum(c[r]["ideal_bytes"] for c in cases.values())
-        ranks_.append({"rank": r, "bytes_sent": sent, "bytes_received": sum(c[r]["bytes_received"]
-                       for c in cases.values()), "ideal_bytes": ideal, "comm_ratio": round(sent / ideal, 4)})  # fmt: skip
+        got = sum(c[r]["bytes_received"] for c in cases.values())
+        ranks_.append({"rank": r, "bytes_sent": sent, "bytes_received": got, "ideal_bytes": ideal,
+                       "comm_ratio": round(sent / ideal, 4)})  # fmt: skip
     v.comm = {"world": W, "ideal": "(W - 1) x the rank's K and V shard bytes, forward", "ranks": ranks_,
               "comm_ratio": max(x["comm_ratio"] for x in ranks_), "cases": cases}  # fmt: skip
 

@@ -32,6 +32,7 @@ from harness.verify.worker import Fault
 SEEN = 1e-6  # a weight above this was seen: the probe's smallest weight is exp(-7 x STEP) / S, far above
 TOL = 1e-4  # float32 weights of order 1/S: rounding is ~1e-7
 STEP = 0.75  # a_t's rise per chunk: block maxima 0.75 apart
+GROSS = 0.05  # a gradient this far off (of its scale) is a wrong sum, not rounding (bfloat16's is 0.4%)
 
 
 @dataclass
@@ -104,37 +105,61 @@ def diagnose_ring(runs: dict, failing: list[str], passing: list[str], run: Run) 
     return by_scenarios(forward, only_lse, runs, where)
 
 
-def blocks(c: ring_cases.RingCase) -> list[torch.Tensor]:
-    """Each rank's token positions: its queries' rows, its keys' columns."""
+@dataclass
+class _Rows:
+    """A probe case whose query rows are a subset (the finite ones): rows renumbered, key columns as they were."""
+
+    W: int
+    rows: list[torch.Tensor]
+    cols: list[torch.Tensor]
+
+
+def _rows_only(c, finite: torch.Tensor) -> _Rows:
+    new = torch.cumsum(finite.long(), 0) - 1  # old row -> new row
+    cols = blocks(c)
+    return _Rows(c.W, [new[t][finite[t]] for t in cols], cols)
+
+
+def blocks(c) -> list[torch.Tensor]:
+    """Each rank's token positions: its keys' columns (and its queries' rows, unless the case keeps only some)."""
+    if isinstance(c, _Rows):
+        return c.cols
     return [ring_cases.tokens(c.s.S, c.W, c.layout, r) for r in range(c.W)]
 
 
-def moved(vis: torch.Tensor, idx: list[torch.Tensor]) -> dict[int, list[int]]:
+def query_rows(c) -> list[torch.Tensor]:
+    return c.rows if isinstance(c, _Rows) else blocks(c)
+
+
+def moved(vis: torch.Tensor, rows: list[torch.Tensor], idx: list[torch.Tensor]) -> dict[int, list[int]]:
     """Source rank j -> the query ranks whose outputs its keys move."""
     W = len(idx)
-    return {j: [i for i in range(W) if bool(vis[idx[i]][:, idx[j]].any())] for j in range(W)}
+    return {j: [i for i in range(W) if bool(vis[rows[i]][:, idx[j]].any())] for j in range(W)}
 
 
 def pattern(P: torch.Tensor, want: torch.Tensor, c) -> Diagnosis | None:
-    if not bool(torch.isfinite(P).all()):
-        rows = sorted({int(x) for x in (~torch.isfinite(P)).nonzero()[:, 0]})
+    finite = torch.isfinite(P).all(-1)  # (S,) rows with a number everywhere
+    if not bool(finite.all()):
+        rows = (~finite).nonzero()[:, 0].tolist()
+        # the other rows may show why (a block never merged leaves some rows with nothing to see)
+        d = pattern(P[finite][:, :], want[finite], _rows_only(c, finite)) if bool(finite.any()) else None
+        if d is not None and d.stage != "ring_merge":
+            return Diagnosis(d.stage, f"{d.hint} (queries {rows[:8]} give NaN: they see nothing)", d.matched)
         return Diagnosis("ring_merge", f"NaN or Inf in the output of queries {rows[:8]}: a partial result from a "
                          "block the query sees nothing of (lse -inf) entered the merge unguarded", "probe:nonfinite")
     obs, exp = P.abs() > SEEN, want > 0
     if bool((obs == exp).all()):
         return None
-    idx, W = blocks(c), c.W
-    cell = {(i, j): (obs[idx[i]][:, idx[j]], exp[idx[i]][:, idx[j]]) for i in range(W) for j in range(W)}
+    idx, qi, W = blocks(c), query_rows(c), c.W
+    cell = {(i, j): (obs[qi[i]][:, idx[j]], exp[qi[i]][:, idx[j]]) for i in range(W) for j in range(W)}
     bad = [(i, j) for (i, j), (o, e) in cell.items() if not bool((o == e).all())]
-    got_m, want_m = moved(obs, idx), moved(exp, idx)
+    got_m, want_m = moved(obs, qi, idx), moved(exp, qi, idx)
     movers = "; ".join(f"rank {j}'s keys move ranks {got_m[j]} (should: {want_m[j]})" for j in range(W)
                        if got_m[j] != want_m[j])  # fmt: skip
     movers = f" Asked on the ranks: {movers}." if movers else ""
-    swapped = [i for i in range(W) if _permuted(i, cell, W)]
+    swapped = {i: m for i in range(W) if (m := _permuted(i, cell, W))}
     if swapped:
-        i = swapped[0]
-        seen_as = {j: k for j in range(W) for k in range(W) if bool((cell[(i, j)][0] == cell[(i, k)][1]).all())
-                   and j != k}  # fmt: skip
+        i, seen_as = next(iter(swapped.items()))
         pairs = ", ".join(f"rank {j}'s block masked as rank {k}'s" for j, k in list(seen_as.items())[:3])
         return Diagnosis("ring_order", f"rank {i} sees each block with another block's mask ({pairs}): the blocks "
                          f"arrive in another order than the masks assume (received from the wrong neighbour?)."
@@ -153,17 +178,21 @@ def pattern(P: torch.Tensor, want: torch.Tensor, c) -> Diagnosis | None:
                      f"pairs wrong).{movers}", "probe:mask")  # fmt: skip
 
 
-def _permuted(i: int, cell: dict, W: int) -> bool:
-    """Is rank i's row of blocks the right set of masks, each on the wrong block (and not just right)?"""
+def _permuted(i: int, cell: dict, W: int) -> dict[int, int]:
+    """Rank i's row of blocks as the right set of masks, each on the wrong block: {block: the block whose mask it
+    got} for the blocks that moved; {} when it is not a permutation (or nothing moved)."""
     obs = [cell[(i, j)][0] for j in range(W)]
     exp = [cell[(i, j)][1] for j in range(W)]
     used: set[int] = set()
-    for o in obs:
-        k = next((k for k in range(W) if k not in used and bool((o == exp[k]).all())), None)
+    got: dict[int, int] = {}
+    for j, o in enumerate(obs):  # its own mask first, where it fits: only what must move is said to
+        k = j if bool((o == exp[j]).all()) and j not in used else None
+        k = k if k is not None else next((k for k in range(W) if k not in used and bool((o == exp[k]).all())), None)
         if k is None:
-            return False
+            return {}
         used.add(k)
-    return not all(bool((obs[j] == exp[j]).all()) for j in range(W))
+        got[j] = k
+    return {j: k for j, k in got.items() if j != k}
 
 
 def weights(P: torch.Tensor, want: torch.Tensor, c, a: torch.Tensor) -> Diagnosis | None:
@@ -274,8 +303,39 @@ def diagnose_ring_grad(runs: dict, failing: dict[str, list[str]]) -> Diagnosis:
                "computed for its keys never came back to it" if alone else "dK/dV are wrong while dQ is right: the "
                "K/V gradients travelling the ring do not end, summed, at the rank that owns the keys")  # fmt: skip
         return Diagnosis("ring_order", f"{why} ({n}, {c.W} ranks, {c.layout})", "grad:owners")
-    return Diagnosis("grad_unknown", f"the forward is right; wrong: d{', d'.join(wrong)} ({n}, {c.W} ranks, "
-                     f"{c.layout})")  # fmt: skip
+    errs = {k: _rank_errors(run, k, c) for k in wrong}
+    where = "; ".join(f"d{k} off by {', '.join(f'{e:.1%}' for e in v)} of its scale on ranks 0..{c.W - 1}"
+                      for k, v in errs.items())  # fmt: skip
+    seen = _blocks_seen(r, c)
+    one = [i for i in range(c.W) if seen[i] == 1]
+    many = [i for i in range(c.W) if seen[i] > 1]
+    gross = [i for i, e in enumerate(errs.get("q", [])) if e > GROSS]
+    if one and many and not set(gross) & set(one) and set(many) <= set(gross):
+        return Diagnosis("ring_merge", f"dq is within rounding on the ranks that attend one block ({one}) and far "
+                         f"off on every rank that sums several ({many}): the per-step partial dq are combined "
+                         f"wrongly (a buffer reused while it is still read?); {where} ({n}, {c.W} ranks, {c.layout})",
+                         "grad:accumulate")  # fmt: skip
+    return Diagnosis("grad_unknown", f"the forward is right; {where} ({n}, {c.W} ranks, {c.layout})")
+
+
+def _rank_errors(run, k: str, c) -> list[float]:
+    """Each rank's largest error in gradient k against float64, as a fraction of the gradient's scale."""
+    got, ref = run.got[k].double(), run.ref64[k].double()
+    S, scale = ref.shape[2], float(ref.abs().max()) or 1.0
+    out = []
+    for rank in range(c.W):
+        tok = ring_cases.tokens(c.padded, c.W, c.layout, rank)
+        tok = tok[tok < S]
+        out.append(float((got[:, :, tok] - ref[:, :, tok]).abs().max()) / scale if len(tok) else 0.0)
+    return out
+
+
+def _blocks_seen(r, c) -> list[int]:
+    """How many ranks' key blocks each rank's queries see (real tokens)."""
+    keep = r.keep4[0, 0]  # (S, S)
+    S = keep.shape[0]
+    tok = [t[t < S] for t in (ring_cases.tokens(c.padded, c.W, c.layout, i) for i in range(c.W))]
+    return [sum(bool(keep[tok[i]][:, tok[j]].any()) for j in range(c.W)) for i in range(c.W)]
 
 
 def _own_queries_only(r, g, c) -> dict:
