@@ -36,9 +36,9 @@ from pathlib import Path
 import pytest
 
 NAME = "attention-verify"  # the root node; its id is the first part of every item's
-KINDS = {"impl": "layer", "module": "module", "core": "core", "paged": "paged", "varlen": "varlen"}  # entry key /
-# option suffix -> contract (verify's)
-KERNELS = ("core", "paged", "varlen")  # the contracts whose code returns out or (out, lse)
+# entry key / option suffix -> contract (verify's)
+KINDS = {"impl": "layer", "module": "module", "core": "core", "paged": "paged", "varlen": "varlen", "ring": "ring"}
+KERNELS = ("core", "paged", "varlen", "ring")  # the contracts whose code returns out or (out, lse)
 CHECKS = {c: ("forward", "lse") for c in KERNELS}  # per contract, the checks of a case (default: forward only)
 WEEK_S = 7 * 24 * 3600  # the longest --attention-timeout, as verify's (harness.common.WEEK_S; not imported: torch)
 OPTIONAL = {(c, "lse") for c in KERNELS}  # checks the code may decline to give (a kernel that returns out only)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -18,8 +19,10 @@ import torch
 from conftest import ROOT
 
 from harness.verify import kernel_hf
+from harness.verify.run import main as verify_main
 
 EXAMPLE = ROOT / "docs/examples/ring_flash_attn.py"
+EXAMPLE_SPEC = "docs/examples/ring_flash_attn.py:attn"
 BEGIN, END = "# ==== VERBATIM", "# ==== END VERBATIM ===="
 KERNEL, KERNEL_END = "# ==== KERNEL", "# ==== END KERNEL ===="
 ADAPTER_MAX = 10
@@ -133,6 +136,7 @@ def bf16_exact(x: torch.Tensor) -> bool:
     return torch.equal(x, x.bfloat16().to(x.dtype))
 
 
+@pytest.mark.gate
 @pytest.mark.parametrize("W", [2, 4])
 def test_the_ring_matches_transformers_on_the_whole_sequence(tmp_path, W):
     """Tolerances. Half inputs: within 2x transformers' eager attention's own error in that dtype (the same input
@@ -172,3 +176,31 @@ def test_the_ring_matches_transformers_on_the_whole_sequence(tmp_path, W):
             continue  # dK/dV: step 0's send reads a buffer the next block overwrites, right or wrong by timing
         for n in ("dq", "dk", "dv"):
             assert r[n].dtype == dt and err(r[n], ref[n]) <= tol[n], (what, n, err(r[n], ref[n]), tol[n])
+
+
+@pytest.mark.slow
+def test_the_example_passes_verify_ring(tmp_path):
+    """Through the harness as a user runs it: every forward case on 2 and 4 ranks, float32 and bfloat16, with the
+    ring's ideal bytes (its RingComm sends K and V (W - 1) times)."""
+    out = tmp_path / "v.json"
+    rc = verify_main(["--ring", f"{EXAMPLE_SPEC}", "--quick", "--dtype", "float32,bfloat16", "--json", str(out)])
+    doc = json.loads(out.read_text())
+    assert rc == 0, [v["hint"] for v in doc["verdicts"]]
+    assert [v["comm"]["comm_ratio"] for v in doc["verdicts"]] == [1.0, 1.0]
+
+
+@pytest.mark.gate
+def test_verify_grad_finds_the_packages_float32_backward_bug(tmp_path):
+    """The package's backward in float32 (the dtype flash_attn never gives it): `dq = block_dq_buffer.to(float32)`
+    aliases the buffer the next block overwrites. The harness fails it and names the merge of partial dq; bfloat16,
+    the dtype it was written for, passes."""
+    out = tmp_path / "v.json"
+    rc = verify_main(["--ring", f"{EXAMPLE_SPEC}", "--quick", "--grad", "--dtype", "float32,bfloat16", "--json",
+                      str(out)])  # fmt: skip
+    doc = json.loads(out.read_text())
+    assert rc == 1
+    for v in doc["verdicts"]:
+        assert v["stage"] == "ring_merge" and "partial dq" in v["hint"], v["hint"]
+    grads = [r for r in doc["results"] if r["check"].startswith("grad_")]
+    assert all(r["passed"] for r in grads if r["dtype"] == "bfloat16")
+    assert not all(r["passed"] for r in grads if r["dtype"] == "float32" and r["check"] == "grad_q")

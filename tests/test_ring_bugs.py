@@ -140,6 +140,7 @@ def rows(tmp_path_factory) -> list[dict]:
     return [row for r in range(4) for row in json.loads((tmp / f"rank{r}.json").read_text())]
 
 
+@pytest.mark.gate
 def test_the_textbook_matches_transformers(rows):
     """Forward, lse and gradients of every rank's shard, float64 and float32, both layouts, causal or not, GQA."""
     book = [r for r in rows if r["name"] == "textbook"]
@@ -151,6 +152,7 @@ def test_the_textbook_matches_transformers(rows):
         assert r["shapes"] == [[B, H, S // r["W"], d], [B, H, S // r["W"]]], r
 
 
+@pytest.mark.gate
 def test_the_textbook_sends_each_kv_block_once_round_the_ring(rows):
     """The forward's point-to-point bytes per rank: exactly (W - 1) x (its K shard + V shard)."""
     for r in rows:
@@ -158,6 +160,7 @@ def test_the_textbook_sends_each_kv_block_once_round_the_ring(rows):
             assert r["sent"] == (r["W"] - 1) * r["kv_bytes"], r
 
 
+@pytest.mark.gate
 def test_every_ring_bug_shows_exactly_where_its_entry_says(rows):
     """Each bug's largest error over the ranks and both W = 2 groups, per (W, layout, causal): above SHOWS where its
     entry says it shows, at the textbook's level elsewhere. A backward bug's forward is right everywhere."""

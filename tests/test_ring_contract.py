@@ -52,6 +52,7 @@ def worker_pids() -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_builtins_pass_on_2_and_4_ranks_with_the_ideal_bytes(tmp_path):
     """ring, ring_zigzag and allgather, forward and backward: every case passes, and each rank's bytes sent equal
     the ideal computed here from the shapes: (W - 1) x its K and V shard bytes (allgather's all_gather moves the same
@@ -76,11 +77,14 @@ def test_builtins_pass_on_2_and_4_ranks_with_the_ideal_bytes(tmp_path):
     assert grads == {"grad_q", "grad_k", "grad_v"}
 
 
+@pytest.mark.slow
 def test_a_plain_kernel_passes_and_declares_its_layouts(tmp_path):
-    """A kernel with no `layouts` runs contiguous only; one returning out alone is judged on out."""
-    rc, doc = verify(tmp_path, "--ring", f"{REF}:gather_attn", "--ring", f"{REF}:out_only", "--quick", "--dtype",
-                     "float32,bfloat16")  # fmt: skip
+    """A kernel with no `layouts` runs contiguous only; one returning out alone is judged on out. The bug catalog's
+    textbook ring (its bugs are its steps swapped) passes too."""
+    rc, doc = verify(tmp_path, "--ring", f"{REF}:gather_attn", "--ring", f"{REF}:out_only", "--ring",
+                     "harness.bugs.ring:textbook", "--quick", "--dtype", "float32,bfloat16")  # fmt: skip
     assert rc == 0, [v["hint"] for v in doc["verdicts"]]
+    assert len(doc["verdicts"]) == 6 and all(v["passed"] for v in doc["verdicts"])
     rows = doc["results"]
     assert {r["scenario"].split("/")[1] for r in rows if r["impl"].endswith(":out_only")} == {"contiguous"}
     assert {r["scenario"].split("/")[1] for r in rows if r["impl"].endswith(":gather_attn")} == {"contiguous", "zigzag"}
@@ -89,6 +93,7 @@ def test_a_plain_kernel_passes_and_declares_its_layouts(tmp_path):
     assert any(r["dtype"] == "bfloat16" and r["scenario"].startswith("bfloat16/") for r in rows)
 
 
+@pytest.mark.gate
 def test_a_rank_that_raises_is_named_and_no_process_remains(tmp_path):
     rc, doc = verify(tmp_path, "--ring", f"{REF}:raises_on_rank_1", "--quick", "--dtype", "float32",
                      "--timeout", "60")  # fmt: skip
@@ -142,6 +147,7 @@ def test_mistakes_written_apart_from_the_catalog_get_their_stage(tmp_path):
     assert got == {(f"ring-w{w}", f): stage for w in (2, 4) for f, stage in MISTAKES.items()}
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_verify_the_builtin(tmp_path):
     """`torchrun --nproc-per-node 2 -m harness verify --ring ring`: the launched processes are the ranks; rank 0
     reports (one table), every rank exits 0."""

@@ -129,6 +129,7 @@ def cases_of(kernel: str):
 ALL = [pytest.param(w, name, id=f"w{w}-{name}") for kernel in RING for w, name in cases_of(kernel)]
 
 
+@pytest.mark.gate
 @pytest.mark.parametrize("world, name", ALL)
 def test_forward_and_backward_vs_transformers(groups, world, name):
     cases, ranks = groups[world]
@@ -150,6 +151,7 @@ def test_forward_and_backward_vs_transformers(groups, world, name):
         assert WORST.note(f"{kind} {key}", maxerr(got, ref[key])) <= tol_grad, key
 
 
+@pytest.mark.gate
 @pytest.mark.parametrize("world", WORLDS)
 def test_ring_sends_each_block_once(groups, world):
     """Forward: (W - 1) x (K shard + V shard) bytes point to point per rank, exactly, and no collective. Backward:
@@ -169,6 +171,7 @@ def test_ring_sends_each_block_once(groups, world):
     assert checked == world * 12
 
 
+@pytest.mark.gate
 @pytest.mark.parametrize("world", WORLDS)
 def test_allgather_gathers(groups, world):
     """The baseline's forward goes through dist.all_gather (K and V: each rank hands in its shard), not p2p."""
@@ -179,6 +182,7 @@ def test_allgather_gathers(groups, world):
                 assert res[name]["fwd_p2p"] == 0 and res[name]["fwd_coll"] == res[name]["kv_bytes"], name
 
 
+@pytest.mark.gate
 @pytest.mark.parametrize("world", WORLDS)
 def test_zigzag_odd_shard_is_a_clear_error(groups, world):
     for res in groups[world][1]:
