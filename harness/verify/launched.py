@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import datetime
 import os
+import struct
 import sys
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 
 from harness.verify import ring_serve  # noqa: F401 - the byte counters, installed before the code is imported
 from harness.verify.plugins import Impl
@@ -57,8 +59,6 @@ def rank() -> int:
 
 def init(device: str, timeout: float) -> None:
     """The launched process group (the code's) and a gloo group of the harness's own, once."""
-    import torch.distributed as dist
-
     if "mine" in _STATE:
         return
     backend = "nccl" if str(device).startswith("cuda") else "gloo"
@@ -119,8 +119,6 @@ class Launched(Impl):
 
     def call_ranks(self, contract, W: int, header: dict, tensors: list[dict], doing: str,
                    expect: int) -> list[tuple[list, list]]:  # fmt: skip
-        import torch.distributed as dist
-
         me = rank()
         dev = self.rank_device(me)
         state = {"group": dist.group.WORLD}
@@ -145,8 +143,6 @@ class Launched(Impl):
 
 def exchange(message: bytes, W: int, group) -> list[bytes]:
     """Every rank's bytes, on every rank (two all_gathers: the lengths, then the padded bytes)."""
-    import torch.distributed as dist
-
     n = torch.tensor([len(message)], dtype=torch.int64)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(W)]
     dist.all_gather(sizes, n, group=group)
@@ -160,8 +156,6 @@ def exchange(message: bytes, W: int, group) -> list[bytes]:
 
 def _read(r: int, message: bytes, doing: str) -> tuple[list, list]:
     """One rank's reply, checked as a worker's is."""
-    import struct
-
     n_head, n_blob = struct.unpack("<QQ", message[:16])
     reply, tensors = unpack(message[16 : 16 + n_head], message[16 + n_head : 16 + n_head + n_blob])
     if reply.get("ok") is not True:

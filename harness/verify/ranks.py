@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from harness.common import UserError
+from harness.verify import contracts
 from harness.verify.plugins import Impl, check_spec, serving
 from harness.verify.worker import Fault, Worker, accepts, claimed_layouts, reply_limit
 
@@ -192,8 +193,6 @@ def echo(f: Fault) -> bool:
 
 
 def _contract(name: str):
-    from harness.verify import contracts  # the registry imports the contracts, which import this module
-
     return contracts.get(name)
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 import impl as builtin_impls
-from harness.verify import ranks, ring_cases
+from harness.verify import launched, ranks, ring_cases
 from harness.verify import ring_serve as serve_fns
 from harness.verify.compare import compare as compare_tensors
 from harness.verify.compare import not_run as no_output
@@ -62,16 +62,12 @@ def builtins() -> dict:
 
 def implementation(spec: str, fn, device: str):
     """Every ring kernel, a built-in too, runs in W rank processes (ranks.py), or in torchrun's (launched.py)."""
-    from harness.verify import launched
-
     if launched.world() is not None:
         return launched.make(spec, fn, NAME, device)
     return ranks.make(spec, fn, NAME, device)
 
 
 def targets(fixtures) -> list[World]:
-    from harness.verify import launched
-
     W = launched.world()
     return [World(f"ring-w{w}", w) for w in ((W,) if W is not None else WORLDS)]
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from harness.verify import ring_cases
+from harness.verify import kernel_hf, ring_cases
 from harness.verify.diagnosis.evidence import Diagnosis
 from harness.verify.worker import Fault
 
@@ -340,8 +340,6 @@ def _blocks_seen(r, c) -> list[int]:
 
 def _own_queries_only(r, g, c) -> dict:
     """dk, dv as a rank would have them if only its own queries counted, float64 (transformers' function)."""
-    from harness.verify import kernel_hf
-
     q, k, v = (x.double().detach().requires_grad_(True) for x in (r.q, r.k, r.v))
     S = r.q.shape[2]
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
