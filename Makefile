@@ -22,10 +22,10 @@ SYNTH      := $(patsubst %,fixtures/%-synthetic/manifest.json,llama-3.2-1b rope-
 # layer (0) and a full-attention one (5); made here, never committed (.gitignore), the Gemma Terms beside them
 GEMMA      := fixtures/gemma3-270m/manifest.json fixtures/gemma3-270m-global/manifest.json
 
-.PHONY: fixtures-made setup upgrade-check lock verify verify-quick verify-grad e2e plot mutants bench bench-quick bench-window bench-paged test test-fast test-gate extract synthetic lint graph clean help
+.PHONY: fixtures-made setup upgrade-check lock verify verify-quick verify-grad e2e plot mutants bench bench-quick bench-window bench-paged bench-ring test test-fast test-gate extract synthetic lint graph clean help
 
 help:
-	@echo "make setup | upgrade-check | lock | verify | verify-quick | verify-grad | e2e [MODEL=...] [IMPLS=...] | plot | mutants | bench [BENCH_ARGS=...] | bench-quick | bench-window | bench-paged | test | test-fast | test-gate | extract [SOURCE=...] [LAYER=N] | lint | graph | clean"
+	@echo "make setup | upgrade-check | lock | verify | verify-quick | verify-grad | e2e [MODEL=...] [IMPLS=...] | plot | mutants | bench [BENCH_ARGS=...] | bench-quick | bench-window | bench-paged | bench-ring | test | test-fast | test-gate | extract [SOURCE=...] [LAYER=N] | lint | graph | clean"
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -110,6 +110,13 @@ bench-window: $(STAMP)
 # (about 2 minutes on 2 cores)
 bench-paged: $(STAMP)
 	$(PY) scripts/bench.py --paged --json docs/bench-paged.json --doc docs/bench-paged.md $(BENCH_ARGS)
+
+# docs/bench-ring.md: ring attention's forward (ring, ring_zigzag, the allgather baseline) on 2 and 4 rank processes
+# (gloo) against tiled in one process, at 8192 and 16384 tokens: time, peak memory and bytes sent per rank against
+# (W - 1) x (K + V shard); and on paper, the shortest shard whose transfer hides under its compute (about 6 minutes
+# on 2 cores)
+bench-ring: $(STAMP)
+	$(PY) scripts/bench.py --ring --json docs/bench-ring.json --doc docs/bench-ring.md $(BENCH_ARGS)
 
 # docs/attention.png: layer 0's attention probabilities for a real prompt, ours vs transformers
 plot: $(STAMP)

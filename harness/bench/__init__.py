@@ -11,4 +11,6 @@
     report.py          the table, the targets, the JSON, the figure, the docs block; the command line
     paged.py           `bench --paged`: a paged decode step's traffic against the KV-cache bytes it must read, and
                        its time, for impl.PAGED (docs/bench-paged.md)
+    ring.py            `bench --ring`: impl.RING on W rank processes against one (time, memory and bytes sent per
+                       rank), and when a ring step's transfer hides under its compute on GPU links (docs/bench-ring.md)
 """

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.bench import cases, paged
+from harness.bench import cases, paged, ring
 from harness.bench.cases import BACKWARD, BACKWARD_ROWS, CORE, INTERPRETED, LAYER, io_model, llama_config, shape_of
 from harness.bench.meter import human
 from harness.bench.run import MAX_INTERPRETED_S, QUICK_SEQS, TIME_INTERPRETED, Options, Row, run
@@ -293,6 +293,9 @@ def parser() -> Parser:
     p.add_argument("--paged", action="store_true",
                    help="the paged decode bench instead: traffic / KV-cache bytes and time per step of the paged "
                         "built-ins (its own options: bench --paged --help; make bench-paged)")  # fmt: skip
+    p.add_argument("--ring", action="store_true",
+                   help="the ring bench instead: ring attention on W rank processes against one, time, memory and "
+                        "bytes per rank (its own options: bench --ring --help; make bench-ring)")  # fmt: skip
     p.add_argument("--replot", type=Path, metavar="JSON",
                    help="measure nothing: redraw the figure (--plot, default docs/bench.png) from --json rows")
     return p
@@ -302,6 +305,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--paged" in argv:  # the paged decode bench: its own options (harness/bench/paged.py)
         return paged.main([t for t in argv if t != "--paged"])
+    if "--ring" in argv:  # the ring bench: its own options (harness/bench/ring.py)
+        return ring.main([t for t in argv if t != "--ring"])
     a = parser().parse_args(argv)
     if a.replot:
         return replot(a.replot, output_path(a.plot or DOCS_PNG, "--plot"))
