@@ -127,7 +127,7 @@ def test_exit_deadlock_and_lies_are_verdicts_naming_ranks(tmp_path):
     assert worker_pids() == []
 
 
-# each plug-in mistake (tests/plugins/ring_ref.py) and the stage its verdict must name, on both W
+# each plug-in mistake (tests/plugins/ring_ref.py) and the stage its verdict must name, on both W (nine)
 MISTAKES = {
     "future_ranks_seen": "ring_mask",
     "allgather_zigzag_blind": "ring_mask",
@@ -135,6 +135,8 @@ MISTAKES = {
     "blocks_rotated": "ring_order",
     "halves_summed": "ring_merge",
     "scale_ignored": "scale",
+    "kv_heads_tiled": "gqa",
+    "outputs_rolled": "ring_order",
 }
 
 

@@ -157,7 +157,7 @@ def one_call(fn, q, k, v, W: int, hwm: bool, count) -> dict:
     if hwm:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS now
-    count.sent = count.received = count.calls = 0
+    count.reset()
     if W > 1:
         dist.barrier()  # every rank starts together
     t0, c0 = time.perf_counter(), time.process_time()

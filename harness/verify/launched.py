@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from harness.common import UserError, one_line
 from harness.verify import ring_serve  # noqa: F401 - the byte counters, installed before the code is imported
 from harness.verify.plugins import Impl
 from harness.verify.ranks import LAYOUTS, verdict
@@ -66,6 +67,7 @@ def init(device: str, timeout: float) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     # a rank whose code raised never joins its peers' collective: they wait for the group's timeout, then raise
     code = datetime.timedelta(seconds=min(timeout, CODE_TIMEOUT_S))
+    _STATE["code_timeout"] = code
     dist.init_process_group(backend, init_method="env://", timeout=code)
     _STATE["mine"] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout + CODE_TIMEOUT_S))
 
@@ -90,6 +92,8 @@ class Launched(Impl):
         super().__init__(spec, contract, device=device)
         self.fn = fn
         self.broken = False  # after a fault the code's group may be wedged: it is not called again
+        self.group = None
+        self.devices: dict[int, str] = {}
 
     @property
     def alive(self) -> bool:
@@ -100,14 +104,30 @@ class Launched(Impl):
         return True  # it runs in this process: no worker to warn about
 
     def rank_device(self, r: int) -> str:
-        if str(self.device).startswith("cuda"):
-            return f"cuda:{torch.cuda.current_device()}" if r == rank() else str(self.device)
-        return str(self.device)
+        """Where rank r ran (each rank says so in its reply: on GPUs each launched process has its own)."""
+        if r in self.devices:
+            return self.devices[r]
+        return f"cuda:{torch.cuda.current_device()}" if str(self.device).startswith("cuda") else str(self.device)
 
     def prepare(self, timeout: float) -> None:
+        """The code imported on every rank, and the ranks agreeing that it was (a rank whose import failed would
+        leave the others waiting in their first collective); then a process group of its own."""
+        if self.group is not None:
+            return
         init(self.device, timeout)
+        why = ""
         if self.fn is None:
-            self.fn = import_spec(self.spec, {}, what=self.contract)
+            try:
+                self.fn = import_spec(self.spec, {}, what=self.contract)
+            except UserError as e:
+                why = str(e)
+        said = [m.decode() for m in exchange(why.encode() or b"-", world(), _STATE["mine"])]
+        bad = [(r, m) for r, m in enumerate(said) if m != "-"]
+        if bad:
+            raise UserError(f"rank {bad[0][0]}: {bad[0][1]}")
+        # its own group: what a faulty kernel leaves unmatched in a group never reaches the next kernel's
+        self.group = dist.new_group(backend="nccl" if str(self.device).startswith("cuda") else "gloo",
+                                    timeout=_STATE["code_timeout"])  # fmt: skip
 
     def accepts(self, name: str) -> bool:
         self.prepare(900.0)
@@ -120,19 +140,25 @@ class Launched(Impl):
     def call_ranks(self, contract, W: int, header: dict, tensors: list[dict], doing: str,
                    expect: int) -> list[tuple[list, list]]:  # fmt: skip
         me = rank()
-        dev = self.rank_device(me)
-        state = {"group": dist.group.WORLD}
+        dev = f"cuda:{torch.cuda.current_device()}" if str(self.device).startswith("cuda") else str(self.device)
+        state = {"group": self.group}
         try:
             value = contract.serve(self.fn, {**header, "device": dev, "rank": me, "world": W},
                                    {k: v.to(dev, copy=True) for k, v in tensors[me].items()}, state)  # fmt: skip
             descs, out = results(value)
-            message = pack({"ok": True, "results": descs}, out)
+            message = pack({"ok": True, "results": descs, "device": dev}, out)
         except Exception as e:  # noqa: BLE001 - this rank's code raised: told to every rank, the verdict of all
             message = pack({"ok": False, "error": error(e)})
+        try:
+            replies = exchange(message, W, _STATE["mine"])
+        except RuntimeError as e:  # a rank never reached the exchange (it hangs, or its process is gone)
+            self.broken = True
+            raise Fault("timeout", f"a rank never came back from the code while {doing}: the ranks' exchange "
+                        f"failed ({one_line(str(e), 300)})") from None  # fmt: skip
         got, faults = [], []
-        for r, m in enumerate(exchange(message, W, _STATE["mine"])):
+        for r, m in enumerate(replies):
             try:
-                got.append(_read(r, m, doing))
+                got.append(_read(self, r, m, doing))
             except Fault as e:
                 faults.append((r, e))
         if faults:
@@ -154,10 +180,12 @@ def exchange(message: bytes, W: int, group) -> list[bytes]:
     return [bytes(g[: int(s.item())].numpy()) for g, s in zip(got, sizes, strict=True)]
 
 
-def _read(r: int, message: bytes, doing: str) -> tuple[list, list]:
+def _read(self, r: int, message: bytes, doing: str) -> tuple[list, list]:
     """One rank's reply, checked as a worker's is."""
     n_head, n_blob = struct.unpack("<QQ", message[:16])
     reply, tensors = unpack(message[16 : 16 + n_head], message[16 + n_head : 16 + n_head + n_blob])
+    if isinstance(reply.get("device"), str):
+        self.devices[r] = reply["device"][:40]
     if reply.get("ok") is not True:
         err = reply.get("error") or {}
         raise Fault("crash", f"raised {err.get('type')}: {err.get('message')} while {doing}",

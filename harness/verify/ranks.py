@@ -5,8 +5,9 @@ shard, meeting in a process group the harness makes (ring_serve.py).
                 by side, exchanging blocks; none can answer before its peers have sent what it needs)
     faults      per rank: the first rank to raise or die is `crash` named by its rank (its peers, waiting on it,
                 fail after it: said, not blamed); ranks still waiting at the deadline are `timeout`, named (a
-                deadlock from mismatched sends reads as that); after any fault every rank process is ended, and the
-                next call starts a fresh group
+                deadlock from mismatched sends reads as that); after any fault every rank process is ended and the
+                implementation's remaining cases on that target are not run (the loop's rule after a death); the
+                next target starts a fresh group
     built-ins   run the same way (a ring cannot run in one process): by their importable name, module:function
 
 Under torchrun the ranks are the launched processes instead (launched.py).
@@ -78,10 +79,10 @@ class Ranks(Impl):
         self.workers = [Worker(self.code, self.contract, self.rank_device(r), serve) for r in range(W)]
         for w in self.workers:
             w.launch()
-        left = (self.deadline - time.monotonic()) if self.deadline is not None else 900.0
+        deadline = self.deadline if self.deadline is not None else time.monotonic() + 900.0
         for r, w in enumerate(self.workers):
             try:
-                w.start(time.monotonic() + max(left, 0.0))
+                w.start(deadline)
             except Fault as e:
                 self.early = Fault(e.stage, f"rank {r}: {e.message}", e.traceback)
                 self.reset(keep_early=True)

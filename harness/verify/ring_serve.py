@@ -10,9 +10,9 @@ before the code, so the counters below are in place whatever the code imports).
 
 A collective is counted as the bandwidth-optimal algorithm moves it, per rank (W ranks, n the tensor's bytes):
 
-    all_gather, all_gather_into_tensor      sends (W - 1) n, receives (W - 1) n   (n: this rank's input)
-    all_reduce                              2 (W - 1) / W n each way               (ring all-reduce)
-    reduce_scatter(_tensor), all_to_all(*)  (W - 1) / W of the input each way
+    all_gather (and _into_tensor, _single, _coalesced, _base)    sends and receives (W - 1) n (n: this rank's input)
+    all_reduce (and _coalesced)             2 (W - 1) / W n each way               (ring all-reduce)
+    reduce_scatter (and _tensor, _single, _base), all_to_all(_single)    (W - 1) / W of the input each way
     broadcast, scatter (root)               the root sends (W - 1) n; the others receive n
     gather, reduce                          the others send n; the root receives (W - 1) n
 
@@ -23,7 +23,7 @@ counted: the ratio is information, never part of the verdict.
 from __future__ import annotations
 
 import datetime
-import functools
+import inspect
 import threading
 
 import torch
@@ -31,13 +31,44 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
 POINT = ("send", "recv", "isend", "irecv")
-COLLECTIVE = ("all_gather", "all_gather_into_tensor", "all_reduce", "reduce_scatter", "reduce_scatter_tensor",
-              "broadcast", "all_to_all", "all_to_all_single", "gather", "scatter", "reduce")  # fmt: skip
+# name -> (how its bytes move, the argument holding what this rank contributes)
+COLLECTIVE = {
+    "all_gather": ("gather", "tensor"),
+    "all_gather_into_tensor": ("gather", "input_tensor"),
+    "all_gather_single": ("gather", "input_tensor"),
+    "_all_gather_base": ("gather", "input_tensor"),
+    "all_gather_coalesced": ("gather", "input_tensor_list"),
+    "all_reduce": ("all_reduce", "tensor"),
+    "all_reduce_coalesced": ("all_reduce", "tensors"),
+    "reduce_scatter": ("share", "input_list"),
+    "reduce_scatter_tensor": ("share", "input"),
+    "reduce_scatter_single": ("share", "input"),
+    "_reduce_scatter_base": ("share", "input"),
+    "all_to_all": ("share", "input_tensor_list"),
+    "all_to_all_single": ("share", "input"),
+    "broadcast": ("root_sends", "tensor"),
+    "scatter": ("root_sends", "tensor"),
+    "gather": ("root_receives", "tensor"),
+    "reduce": ("root_receives", "tensor"),
+}
+ROOT_ARG = {"broadcast": "src", "scatter": "src", "gather": "dst", "reduce": "dst"}
 
 
-class Counter(threading.local):
+class Counter:
+    """The bytes this process moved, whatever thread moved them (a backward runs on autograd's threads)."""
+
     def __init__(self):
-        self.sent = self.received = self.calls = self.depth = 0
+        self.sent = self.received = self.calls = 0
+        self.lock = threading.Lock()
+        self.local = threading.local()  # how deep in wrapped calls this thread is (only the outermost counts)
+
+    def add(self, sent: int, received: int) -> None:
+        with self.lock:
+            self.sent, self.received, self.calls = self.sent + sent, self.received + received, self.calls + 1
+
+    def reset(self) -> None:
+        with self.lock:
+            self.sent = self.received = self.calls = 0
 
 
 COUNT = Counter()
@@ -51,71 +82,61 @@ def nbytes(t) -> int:
     return 0
 
 
-def _arg(args, kw, i: int, name: str):
-    return args[i] if len(args) > i else kw.get(name)
+def _root(name: str, a: dict, group) -> bool:
+    """Is this rank the collective's root (src/dst a global rank; group_src/group_dst within the group)?"""
+    key = ROOT_ARG[name]
+    if a.get(f"group_{key}") is not None:
+        return a[f"group_{key}"] == dist.get_rank(group)
+    return a.get(key) is not None and a[key] == dist.get_rank()
 
 
-def _root(args, kw, i: int, name: str, group) -> bool:
-    """Is this rank the collective's root (src or dst, a global rank; group_src/group_dst within the group)?"""
-    me = dist.get_rank(group)
-    if kw.get(f"group_{name}") is not None:
-        return kw[f"group_{name}"] == me
-    r = _arg(args, kw, i, name)
-    return r is not None and r == dist.get_rank()
-
-
-def moved(name: str, args, kw) -> tuple[int, int]:
-    """(bytes sent, bytes received) by this rank in one call of torch.distributed's `name`."""
-    group = kw.get("group")
-    W = dist.get_world_size(group)
+def moved(name: str, a: dict) -> tuple[int, int]:
+    """(bytes sent, bytes received) by this rank in one call of torch.distributed's `name`, its arguments by name."""
     if name in ("send", "isend"):
-        return nbytes(_arg(args, kw, 0, "tensor")), 0
+        return nbytes(a.get("tensor")), 0
     if name in ("recv", "irecv"):
-        return 0, nbytes(_arg(args, kw, 0, "tensor"))
-    if name in ("all_gather", "all_gather_into_tensor"):
-        n = nbytes(_arg(args, kw, 1, "tensor" if name == "all_gather" else "input_tensor"))
+        return 0, nbytes(a.get("tensor"))
+    group = a.get("group")
+    W = dist.get_world_size(group)
+    how, arg = COLLECTIVE[name]
+    n = nbytes(a.get(arg))
+    if how == "gather":
         return (W - 1) * n, (W - 1) * n
-    if name == "all_reduce":
-        n = 2 * (W - 1) * nbytes(_arg(args, kw, 0, "tensor")) // W
-        return n, n
-    if name in ("reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single"):
-        n = (W - 1) * nbytes(_arg(args, kw, 1, "input_list" if name == "reduce_scatter" else "input")) // W
-        return n, n
-    if name == "broadcast":
-        n = nbytes(_arg(args, kw, 0, "tensor"))
-        return ((W - 1) * n, 0) if _root(args, kw, 1, "src", group) else (0, n)
-    if name == "scatter":
-        out = nbytes(_arg(args, kw, 0, "tensor"))
-        return ((W - 1) * out, 0) if _root(args, kw, 2, "src", group) else (0, out)
-    if name in ("gather", "reduce"):
-        n = nbytes(_arg(args, kw, 0, "tensor"))
-        return (0, (W - 1) * n) if _root(args, kw, 2 if name == "gather" else 1, "dst", group) else (n, 0)
-    return 0, 0
+    if how == "all_reduce":
+        return 2 * (W - 1) * n // W, 2 * (W - 1) * n // W
+    if how == "share":
+        return (W - 1) * n // W, (W - 1) * n // W
+    if how == "root_sends":
+        return ((W - 1) * n, 0) if _root(name, a, group) else (0, n)
+    return (0, (W - 1) * n) if _root(name, a, group) else (n, 0)
 
 
 def counted(name: str, fn):
-    @functools.wraps(fn)
+    sig = inspect.signature(fn)
+
     def wrapper(*args, **kw):
-        if COUNT.depth == 0:
+        depth = getattr(COUNT.local, "depth", 0)
+        if depth == 0:
             try:
-                s, r = moved(name, args, kw)
+                COUNT.add(*moved(name, sig.bind(*args, **kw).arguments))
             except Exception:  # noqa: BLE001 - a call torch itself refuses: it raises below, with its own words
-                s = r = 0
-            COUNT.sent, COUNT.received, COUNT.calls = COUNT.sent + s, COUNT.received + r, COUNT.calls + 1
-        COUNT.depth += 1
+                pass
+        COUNT.local.depth = depth + 1
         try:
             return fn(*args, **kw)
         finally:
-            COUNT.depth -= 1
+            COUNT.local.depth = depth
 
-    wrapper.__counted__ = True
+    wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    wrapper.__signature__ = sig
+    wrapper.__counted__ = True  # no __wrapped__: the original is not one attribute away
     return wrapper
 
 
 def install() -> None:
     """Wrap each function once, in both modules (batch_isend_irecv checks `op is isend` against c10d's name, and a
     P2POp built from dist.isend then carries the same wrapper)."""
-    for name in POINT + COLLECTIVE:
+    for name in (*POINT, *COLLECTIVE):
         fn = getattr(c10d, name, None)
         if fn is None or getattr(fn, "__counted__", False):
             continue
@@ -131,21 +152,26 @@ install()
 def group(header: dict, state: dict):
     """This rank's process group, made on the first call (the judge starts a fresh set of ranks for each)."""
     if "group" not in state:
-        backend = "nccl" if header["device"].startswith("cuda") else "gloo"
+        cuda = header["device"].startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(header["device"])  # nccl's p2p needs the rank's device current
         store = dist.FileStore(header["store"], header["world"])
-        dist.init_process_group(backend, store=store, rank=header["rank"], world_size=header["world"],
-                                timeout=datetime.timedelta(seconds=header["comm_timeout"]))  # fmt: skip
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=header["rank"],
+                                world_size=header["world"], timeout=datetime.timedelta(seconds=header["comm_timeout"]),
+                                device_id=torch.device(header["device"]) if cuda else None)  # fmt: skip
         state["group"] = dist.group.WORLD
     return state["group"]
 
 
 def meta(value) -> torch.Tensor:
-    return torch.tensor([COUNT.sent, COUNT.received, COUNT.calls, int(isinstance(value, tuple))], dtype=torch.int64)
+    with COUNT.lock:
+        counts = [COUNT.sent, COUNT.received, COUNT.calls]
+    return torch.tensor([*counts, int(isinstance(value, tuple))], dtype=torch.int64)
 
 
 def call_code(code, header: dict, t: dict, state: dict, q, k, v):
     g = group(header, state)
-    COUNT.sent = COUNT.received = COUNT.calls = 0
+    COUNT.reset()
     return code(q, k, v, group=g, causal=header["causal"], scale=header["scale"], layout=header["layout"])
 
 

@@ -172,5 +172,38 @@ def scale_ignored(q, k, v, *, group, causal=True, scale=None, layout="contiguous
     return _plain(q, k, v, group, causal, None, layout)
 
 
-for _f in (future_ranks_seen, own_keys_dropped, blocks_rotated, halves_summed, scale_ignored):
+def kv_heads_tiled(q, k, v, *, group, causal=True, scale=None, layout="contiguous"):
+    """Query head h reads KV head h % Hkv (repeat, not repeat_interleave)."""
+    g = q.shape[1] // k.shape[1]
+    return gather_attn(q, k.repeat(1, g, 1, 1), v.repeat(1, g, 1, 1), group=group, causal=causal, scale=scale,
+                       layout=layout)  # fmt: skip
+
+
+def outputs_rolled(q, k, v, *, group, causal=True, scale=None, layout="contiguous"):
+    """Every rank computes every rank's output right, then returns its right neighbour's."""
+    W, r = dist.get_world_size(group), dist.get_rank(group)
+    qs = [torch.empty_like(q) for _ in range(W)]
+    dist.all_gather(qs, q.contiguous(), group=group)
+    out = None
+    for j in range(W):
+        # the others' queries as if they were this rank's: their positions are what the mask needs
+        o = _plain_at(qs[j], k, v, group, causal, scale, layout, j)
+        out = o if j == (r + 1) % W else out
+    return out
+
+
+def _plain_at(q, k, v, group, causal, scale, layout, owner):
+    W = dist.get_world_size(group)
+    S = q.shape[2] * W
+    kk, vv = _Gather.apply(k, group, layout), _Gather.apply(v, group, layout)  # (B, Hkv, S, d)
+    g = q.shape[1] // k.shape[1]
+    kk, vv = kk.repeat_interleave(g, 1).float(), vv.repeat_interleave(g, 1).float()  # (B, H, S, d)
+    s = (q.float() @ kk.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if causal:
+        s = s.masked_fill(torch.arange(S)[None, :] > _positions(S, W, layout, owner)[:, None], float("-inf"))
+    return (torch.softmax(s, -1) @ vv).to(q.dtype)
+
+
+for _f in (future_ranks_seen, own_keys_dropped, blocks_rotated, halves_summed, scale_ignored, kv_heads_tiled,
+           outputs_rolled):  # fmt: skip
     _f.layouts = ("contiguous", "zigzag")

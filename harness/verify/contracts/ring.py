@@ -68,8 +68,15 @@ def implementation(spec: str, fn, device: str):
 
 
 def targets(fixtures) -> list[World]:
+    """W = 2 and 4 rank workers (on CUDA, as many as there are devices: nccl puts one rank on each); under torchrun
+    the launched world."""
     W = launched.world()
-    return [World(f"ring-w{w}", w) for w in ((W,) if W is not None else WORLDS)]
+    if W is not None:
+        return [World(f"ring-w{W}", W)]
+    worlds = WORLDS
+    if torch.cuda.is_available() and torch.cuda.device_count() < max(WORLDS):
+        worlds = tuple(w for w in WORLDS if w <= torch.cuda.device_count()) or WORLDS
+    return [World(f"ring-w{w}", w) for w in worlds]
 
 
 def cases(target: World, ctx, impl) -> list:

@@ -43,7 +43,7 @@ def cases(target, ctx, impl, forward: list | None = None) -> list:
 def reference(target, c: ring_cases.RingCase, ctx, device="cpu"):
     """(the forward's reference, g, transformers' gradients eager, float64, sdpa), once per scenario."""
     r = ring.reference(target, c, ctx, device)
-    cache, key = ctx.cache.setdefault(ring.NAME, {}), (c.s.name, "grad")
+    cache, key = ctx.cache.setdefault(ring.NAME, {}), (c.s.name, c.s.S, "grad")
     if key not in cache:
         g = grads.seeded_g(r.ref.shape, None, c.dtype)
         kw = (r.q, r.k, r.v, r.keep4, g, r.scale, c.dtype)

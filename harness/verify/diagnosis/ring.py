@@ -29,10 +29,10 @@ from harness.verify import kernel_hf, ring_cases
 from harness.verify.diagnosis.evidence import Diagnosis
 from harness.verify.worker import Fault
 
-SEEN = 1e-6  # a weight above this was seen: the probe's smallest weight is exp(-7 x STEP) / S, far above
-TOL = 1e-4  # float32 weights of order 1/S: rounding is ~1e-7
-STEP = 0.75  # a_t's rise per chunk: block maxima 0.75 apart
-GROSS = 0.05  # a gradient this far off (of its scale) is a wrong sum, not rounding (bfloat16's is 0.4%)
+SEEN = 1e-6  # a weight above this was seen: far below the probe's smallest weight (SPREAD keeps it so)
+TOL = 1e-4  # weights of order 1/S, in float32: a hundred times their rounding
+SPREAD = 5.25  # the score's rise over the 2W chunks: the first chunk's weights exp(-SPREAD) of the last's
+GROSS = 0.05  # a gradient this far off (a share of its scale) is a wrong sum, far beyond bfloat16's rounding
 
 
 @dataclass
@@ -48,22 +48,28 @@ Run = Callable[..., object]  # (case, parts, causal=, scale=) -> RingGot (contra
 
 
 def probe_case(c: ring_cases.RingCase) -> ring_cases.RingCase:
+    """8W tokens; head_dim the power of two that holds a channel per key and one per KV head."""
     S = 8 * c.W
-    s = ring_cases.RingScenario("probe", S, causal=c.causal, B=1, H=c.s.H, Hkv=c.s.Hkv, d=max(S, 16))
+    d = max(16, 1 << (S + c.s.Hkv - 1).bit_length())
+    s = ring_cases.RingScenario("probe", S, causal=c.causal, B=1, H=c.s.H, Hkv=c.s.Hkv, d=d)
     return replace(c, s=s)
 
 
 def probe_inputs(c: ring_cases.RingCase) -> tuple[list[dict], torch.Tensor]:
-    """The ranks' shards, and a (S,) the scores."""
+    """The ranks' shards, and a (S,) the scores. Value t of KV head j is e_t + e_(S + j): channel S + j of a query
+    head's output says which KV head it read."""
     s = c.s
-    S, d = s.S, s.d
+    S, d, n = s.S, s.d, s.S // (2 * c.W)
     t = torch.arange(S)
-    a = STEP * (t // (S // (2 * c.W))) + 0.05 * (t % (S // (2 * c.W)))  # (S,)
+    step = min(0.75, SPREAD / (2 * c.W - 1))  # every block its own max
+    a = step * (t // n) + 0.05 * step * (t % n)  # (S,)
     q = torch.zeros(1, s.H, S, d)
     q[..., 0] = math.sqrt(d)  # with scale 1/sqrt(d), score = a_t
     k = torch.zeros(1, s.Hkv, S, d)
     k[..., 0] = a
-    v = torch.eye(S, d).expand(1, s.Hkv, S, d).clone()  # value t = e_t
+    v = torch.eye(S, d).expand(1, s.Hkv, S, d).clone()  # (1, Hkv, S, d): value t = e_t
+    for j in range(s.Hkv):
+        v[0, j, :, S + j] = 1.0
     parts = [ring_cases.shard(x, c.W, c.layout) for x in (q, k, v)]
     return [{"q": x, "k": y, "v": z} for x, y, z in zip(*parts, strict=True)], a
 
@@ -82,9 +88,13 @@ def diagnose_ring(runs: dict, failing: list[str], passing: list[str], run: Run) 
     forward = [n for n in failing if ":" not in n]
     only_lse = [n.split(":")[0] for n in failing if n.endswith(":lse")]
     names = forward or only_lse
-    pick = sorted(names, key=lambda n: (runs[n].case.dtype != torch.float32, "padded" in n))[0] if names else None
-    if pick is None or pick not in runs:
+    names = [n for n in names if n in runs]
+    if not names:
         return Diagnosis("unknown", "no output to diagnose (every failing case raised): see the verdict's error")
+    pick = sorted(names, key=lambda n: (runs[n].case.dtype != torch.float32, "padded" in n))[0]
+    d = misplaced(runs[pick])
+    if d is not None:
+        return d
     c = probe_case(runs[pick].case)
     parts, a = probe_inputs(c)
     try:
@@ -94,7 +104,7 @@ def diagnose_ring(runs: dict, failing: list[str], passing: list[str], run: Run) 
     P = got.out[0, 0, :, : c.s.S].double()  # (S, S): query p's weights over keys t
     want, lse = expected(a, c.causal)
     where = f"(probe: {c.W} ranks, {c.layout}, {'causal' if c.causal else 'not causal'}, S={c.s.S})"
-    d = pattern(P, want, c) or weights(P, want, c, a)
+    d = heads(got.out[0], c) or pattern(P, want, c) or weights(P, want, c, a)
     if d is not None:
         return Diagnosis(d.stage, f"{d.hint} {where}", d.matched)
     if got.lse is not None and (err := float((got.lse[0, 0].double() - lse).abs().max())) > 1e-3:
@@ -103,6 +113,46 @@ def diagnose_ring(runs: dict, failing: list[str], passing: list[str], run: Run) 
         return Diagnosis("ring_merge", f"the output is right but the returned lse is not the log-sum-exp of each "
                          f"row: {why} {where}", "probe:lse")  # fmt: skip
     return by_scenarios(forward, only_lse, runs, where)
+
+
+def heads(out: torch.Tensor, c) -> Diagnosis | None:
+    """Which KV head each query head read (its output's marker channels): KV head j serves heads j*g .. j*g+g-1."""
+    S, Hkv, H = c.s.S, c.s.Hkv, c.s.H
+    mass = torch.nan_to_num(out[:, :, S : S + Hkv].double()).abs().mean(1)  # (H, Hkv)
+    read = mass.argmax(-1).tolist()
+    wrong = [(h, j) for h, j in enumerate(read) if j != h // (H // Hkv) and float(mass[h].max()) > SEEN]
+    if not wrong:
+        return None
+    h, j = wrong[0]
+    return Diagnosis("gqa", f"query head {h} reads KV head {j}, not {h // (H // Hkv)} ({len(wrong)} of {H} heads "
+                     f"wrong): with {H} query heads on {Hkv} KV heads, KV head j serves heads j*{H // Hkv} .. "
+                     f"j*{H // Hkv}+{H // Hkv - 1}", "probe:heads")  # fmt: skip
+
+
+def misplaced(run: RingRun) -> Diagnosis | None:
+    """Outputs right but in the wrong place: a chunk of tokens whose output is transformers' output of another
+    chunk (a rank returning another's shard, zigzag's halves swapped)."""
+    c, ref = run.case, run.ref.ref64
+    if c.padded != c.s.S:
+        return None
+    n, got = c.s.S // (2 * c.W), run.out.double()
+    scale = float(ref.abs().max()) or 1.0
+    chunk = [slice(i * n, (i + 1) * n) for i in range(2 * c.W)]
+    moved_to = {}
+    for i, si in enumerate(chunk):
+        errs = [float((got[:, :, si] - ref[:, :, sj]).abs().max()) for sj in chunk]
+        best = min(range(len(errs)), key=errs.__getitem__)
+        if errs[i] > 1e-2 * scale and best != i and errs[best] <= 1e-2 * scale:
+            moved_to[i] = best
+        elif errs[i] > 1e-2 * scale:
+            return None  # some chunk is wrong in itself: not (only) a placement
+    if not moved_to:
+        return None
+    pairs = ", ".join(f"tokens {i * n}..{(i + 1) * n - 1} hold those of {j * n}..{(j + 1) * n - 1}"
+                      for i, j in list(moved_to.items())[:3])  # fmt: skip
+    return Diagnosis("ring_order", f"every output is right but some are in the wrong place: {pairs} ({run.case.name},"
+                     f" {c.W} ranks, {c.layout}): a rank returned another's queries' output, or its chunks in the "
+                     "wrong order", "evidence:misplaced")  # fmt: skip
 
 
 @dataclass
@@ -142,7 +192,7 @@ def pattern(P: torch.Tensor, want: torch.Tensor, c) -> Diagnosis | None:
     if not bool(finite.all()):
         rows = (~finite).nonzero()[:, 0].tolist()
         # the other rows may show why (a block never merged leaves some rows with nothing to see)
-        d = pattern(P[finite][:, :], want[finite], _rows_only(c, finite)) if bool(finite.any()) else None
+        d = pattern(P[finite], want[finite], _rows_only(c, finite)) if bool(finite.any()) else None
         if d is not None and d.stage != "ring_merge":
             return Diagnosis(d.stage, f"{d.hint} (queries {rows[:8]} give NaN: they see nothing)", d.matched)
         return Diagnosis("ring_merge", f"NaN or Inf in the output of queries {rows[:8]}: a partial result from a "
