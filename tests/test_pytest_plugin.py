@@ -117,6 +117,19 @@ def test_kernels_on_their_matrix(repo):
     assert "lse: not returned (optional under the core contract)" in p.stdout
 
 
+@pytest.mark.gate
+def test_ring_kernels_on_their_ranks(repo):
+    """The ring contract: items per world (ring-w2, ring-w4), in the layouts the kernel declares; a kernel that merges
+    wrong fails its items with the stage."""
+    ref = f"{ROOT}/tests/plugins/ring_ref.py"
+    p = pytest_in(repo, "--attention-ring", f"{ref}:gather_attn", "--attention-ring", f"{ref}:halves_summed",
+                  "--attention-dtype", "float32", "--attention-quick", "-v")  # fmt: skip
+    assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-2000:]
+    assert f"attention-verify::ring-w4::{ref}:gather_attn::causal_64/zigzag::forward PASSED" in p.stdout
+    assert f"attention-verify::ring-w2::{ref}:halves_summed::causal_64/contiguous::forward FAILED" in p.stdout
+    assert "stage ring_merge" in p.stdout
+
+
 def test_items_of_the_root_are_left_out_of_a_run_over_a_subfolder(repo):
     """`pytest tests` runs the repository's tests alone: ini entries belong to the root folder (nothing imported)."""
     (repo / "tests").mkdir()
