@@ -57,7 +57,7 @@ def test_on_paper_rows_are_the_function_and_each_pair_named():
         assert r["source"]  # where the link's number comes from
 
 
-@pytest.mark.slow  # spawns rank processes: the slow tier, as the ring's other process tests
+@pytest.mark.gate  # spawns rank processes: out of make test's budget, with the ring's other process tests
 def test_a_tiny_run_writes_json_and_page_and_sends_the_ideal(tmp_path, capsys):
     """S = 256 on W = 2 processes, one run, 4 query heads over 2 KV heads: every implementation's row."""
     page, out = tmp_path / "p.md", tmp_path / "p.json"

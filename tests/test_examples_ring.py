@@ -178,7 +178,7 @@ def test_the_ring_matches_transformers_on_the_whole_sequence(tmp_path, W):
             assert r[n].dtype == dt and err(r[n], ref[n]) <= tol[n], (what, n, err(r[n], ref[n]), tol[n])
 
 
-@pytest.mark.slow
+@pytest.mark.gate
 def test_the_example_passes_verify_ring(tmp_path):
     """Through the harness as a user runs it: every forward case on 2 and 4 ranks, float32 and bfloat16, with the
     ring's ideal bytes (its RingComm sends K and V (W - 1) times)."""

@@ -77,7 +77,7 @@ def test_builtins_pass_on_2_and_4_ranks_with_the_ideal_bytes(tmp_path):
     assert grads == {"grad_q", "grad_k", "grad_v"}
 
 
-@pytest.mark.slow
+@pytest.mark.gate
 def test_a_plain_kernel_passes_and_declares_its_layouts(tmp_path):
     """A kernel with no `layouts` runs contiguous only; one returning out alone is judged on out. The bug catalog's
     textbook ring (its bugs are its steps swapped) passes too."""
