@@ -48,6 +48,7 @@ MAX_HEADER = 1 << 24  # bytes of JSON a message to a worker may carry (a config,
 MAX_REPLY_HEADER = 1 << 20  # bytes of JSON a reply may carry: descriptions and an error's traceback
 MAX_RESULTS = 64  # items a reply may describe
 MAX_NAMES = 256  # parameter names a worker's signature may list
+PRELOAD = "ATTN_WORKER_PRELOAD"  # the serve module a worker imports before the code (its environment, not its argv)
 SLACK = 1 << 16  # bytes a reply's blob may carry beyond its tensors' data (the safetensors header)
 ELEMENT = 8  # bytes of the widest element that can travel (float64, int64)
 SENDABLE = {torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
@@ -326,8 +327,9 @@ class Worker:
         env["PYTHONUNBUFFERED"] = "1"
         to_worker, self.fd_in = os.pipe()  # the parent writes fd_in...
         self.fd_out, from_worker = os.pipe()  # ...and reads fd_out
+        env[PRELOAD] = self.serve_module  # imported before the code (serve); the argv stays the protocol's
         argv = [sys.executable, "-m", "harness.verify.worker", self.spec, self.contract, str(to_worker),
-                str(from_worker), self.serve_module]  # fmt: skip
+                str(from_worker)]  # fmt: skip
         try:
             self.proc = isolation.spawn(argv, env=env, log=self.log, pass_fds=(to_worker, from_worker))
         except BaseException:
@@ -461,4 +463,4 @@ def _exit_words(code: int) -> str:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else "")
+    serve(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), os.environ.pop(PRELOAD, ""))
