@@ -392,7 +392,7 @@ KILL_POINTS = ["locked", "tmp_created", "wrote:attn_layer_0.safetensors", "befor
                "cleaned"]  # fmt: skip
 
 
-@pytest.mark.slow
+@pytest.mark.gate  # kills extractions at many points: out of make test's budget
 def test_a_killed_extraction_leaves_the_old_or_the_new_fixture(tmp_path, small):
     """At each point an extraction over an existing fixture is killed (SIGKILL, nothing runs after it): the fixture
     is complete, the old one before the exchange and the new one after; the next run cleans up what was left. The

@@ -52,7 +52,7 @@ def worker_pids() -> list[int]:
     return found
 
 
-@pytest.mark.slow
+@pytest.mark.gate  # make verify runs the built-ins on every CI run too; this checks the bytes exactly
 def test_builtins_pass_on_2_and_4_ranks_with_the_ideal_bytes(tmp_path):
     """ring, ring_zigzag and allgather, forward and backward: every case passes, and each rank's bytes sent equal
     the ideal computed here from the shapes: (W - 1) x its K and V shard bytes (allgather's all_gather moves the same
