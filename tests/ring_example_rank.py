@@ -8,6 +8,7 @@ the gradients of sum(out * g) to DIR/rank{RANK}.pt.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def main(rank: int, W: int, tmp: Path) -> None:
             res.update(dq=q.grad, dk=k.grad, dv=v.grad)
         results.append(res)
     torch.save(results, tmp / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    dist.barrier()
+    os._exit(0)  # not destroy_process_group: gloo torn down by two ranks at once can abort a process at exit
 
 
 if __name__ == "__main__":

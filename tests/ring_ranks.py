@@ -91,4 +91,4 @@ def main(rank: int, world: int, store_path: str, cases_path: str, out_dir: str) 
         results["odd_zigzag"] = str(e)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    os._exit(0)  # not destroy_process_group: gloo torn down by two ranks at once can abort a process at exit

@@ -200,8 +200,10 @@ def rank_main(rank: int, W: int, store: str, job: dict, out_dir: str) -> None:
         del q, k, v
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(got))
     if W > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        dist.barrier()  # every rank has written its file
+        # no destroy_process_group: gloo's threads, torn down at exit while a peer tears down too, can abort the
+        # process ("terminate called without an active exception"); the result is on disk, so leave at once
+        os._exit(0)
 
 
 def run_job(st: Setup, impl: str, W: int, seqs: tuple[int, ...], runs: int) -> list[Row]:
