@@ -115,6 +115,17 @@ def number(flag: str, lo: float, hi: float, *, kind: type = float, unit: str = "
     return parse
 
 
+def whole_numbers(items: list[str], flag: str, lo: int, hi: int, e_g: str) -> tuple[int, ...]:
+    """A repeatable option's values as whole numbers in [lo, hi], once each, in order; else one line naming them."""
+    try:
+        vals = tuple(int(t) for t in items)
+    except ValueError:
+        raise UserError(f"{flag} {' '.join(items)!r}: give whole numbers, e.g. {flag} {e_g}") from None
+    if min(vals) < lo or max(vals) > hi:
+        raise UserError(f"{flag} {' '.join(items)!r}: give numbers between {lo} and {hi}")
+    return tuple(dict.fromkeys(vals))
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit code 2 like every other bad input."""
 

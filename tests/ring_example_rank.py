@@ -26,7 +26,7 @@ def load(path: str):
 def main(rank: int, W: int, tmp: Path) -> None:
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp / "store"), W), rank=rank, world_size=W)
     mods, results = {}, []
-    for case in torch.load(tmp / "cases.pt"):
+    for case in torch.load(tmp / "cases.pt", weights_only=True):
         attn = (mods.get(case["file"]) or mods.setdefault(case["file"], load(case["file"]))).attn
         n = case["q"].shape[2] // W
         shard = slice(rank * n, (rank + 1) * n)  # contiguous: rank r holds tokens [r n, (r + 1) n)

@@ -78,7 +78,7 @@ def main(rank: int, world: int, store_path: str, cases_path: str, out_dir: str) 
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))  # a hang becomes an error  # fmt: skip
     group = dist.new_group(list(range(world))) if world > 2 else dist.group.WORLD  # both kinds of group handle
-    cases = torch.load(cases_path)
+    cases = torch.load(cases_path, weights_only=True)
     results = {}
     for name, case in cases.items():
         results[name] = run_case(RING[case["kernel"]], case, rank, world, group, counter)

@@ -82,7 +82,7 @@ def spawn_group(world: int, tmp, cases: dict, limit: float = 300.0) -> list[dict
             for p in ctx.processes:
                 p.kill()
             raise TimeoutError(f"the W={world} group ran past {limit} s: a rank waits on a transfer that never comes")
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
 @pytest.fixture(scope="module")

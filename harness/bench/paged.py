@@ -41,7 +41,7 @@ from harness.bench.cases import llama_config, shape_of
 from harness.bench.kernel_traffic import count
 from harness.bench.meter import CPU, human, meter_call, wall_clock
 from harness.checkpoints.validate import output_path
-from harness.common import Parser, UserError, generated_block, update_generated, write_json
+from harness.common import Parser, UserError, generated_block, update_generated, whole_numbers, write_json
 from impl import PAGED
 from impl import paged_triton as pt
 
@@ -322,16 +322,6 @@ def markdown(doc: dict) -> str:
 # command line
 
 
-def _ints(items: list[str], flag: str, lo: int, hi: int) -> tuple[int, ...]:
-    try:
-        vals = tuple(int(t) for t in items)
-    except ValueError:
-        raise UserError(f"{flag} {' '.join(items)!r}: give whole numbers, e.g. {flag} 1024 8192") from None
-    if min(vals) < lo or max(vals) > hi:
-        raise UserError(f"{flag} {' '.join(items)!r}: give numbers between {lo} and {hi}")
-    return tuple(dict.fromkeys(vals))
-
-
 def parser() -> Parser:
     p = Parser(prog="attention-verify bench --paged",
                description="One paged decode step against its physical limit (each sequence's K and V read once): "
@@ -362,7 +352,7 @@ def main(argv=None) -> int:
     bad = [i for i in impls if i not in IMPLS]
     if bad:
         raise UserError(f"--impl {','.join(bad)}: unknown; choose from {','.join(IMPLS)}")
-    tokens = _ints(a.tokens, "--tokens", 1, MAX_TOKENS) if a.tokens else TOKENS
+    tokens = whole_numbers(a.tokens, "--tokens", 1, MAX_TOKENS, "1024 8192") if a.tokens else TOKENS
     st = llama_setup(a.batch, a.page_size, a.dtype)
     check_memory(st, tokens)
     for path, option in ((a.json, "--json"), (a.doc, "--doc")):

@@ -48,7 +48,7 @@ from harness.bench import meter
 from harness.bench.cases import llama_config, shape_of
 from harness.bench.meter import CPU, human, status, trim
 from harness.checkpoints.validate import output_path
-from harness.common import Parser, UserError, generated_block, update_generated, write_json
+from harness.common import Parser, UserError, generated_block, update_generated, whole_numbers, write_json
 
 SEQS = (8192, 16384)
 WORLDS = (2, 4)
@@ -393,16 +393,6 @@ def markdown(doc: dict) -> str:
 # command line
 
 
-def _ints(items: list[str], flag: str, lo: int, hi: int) -> tuple[int, ...]:
-    try:
-        vals = tuple(int(t) for t in items)
-    except ValueError:
-        raise UserError(f"{flag} {' '.join(items)!r}: give whole numbers, e.g. {flag} 8192 16384") from None
-    if min(vals) < lo or max(vals) > hi:
-        raise UserError(f"{flag} {' '.join(items)!r}: give numbers between {lo} and {hi}")
-    return tuple(dict.fromkeys(vals))
-
-
 def parser() -> Parser:
     p = Parser(prog="attention-verify bench --ring",
                description="Ring attention's forward on W rank processes of this machine against one process: time, "
@@ -425,8 +415,8 @@ def main(argv=None) -> int:
     bad = [i for i in impls if i not in IMPLS]
     if bad:
         raise UserError(f"--impl {','.join(bad)}: unknown; choose from {','.join(IMPLS)}")
-    seqs = _ints(a.seq, "--seq", 1, MAX_SEQ) if a.seq else SEQS
-    worlds = _ints(a.world, "--world", 2, MAX_WORLD) if a.world else WORLDS
+    seqs = whole_numbers(a.seq, "--seq", 1, MAX_SEQ, "8192 16384") if a.seq else SEQS
+    worlds = whole_numbers(a.world, "--world", 2, MAX_WORLD, "2 4") if a.world else WORLDS
     for S in seqs:
         for W in worlds:
             if S % (2 * W):
