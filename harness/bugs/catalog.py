@@ -446,11 +446,6 @@ def kernel_suspects() -> list[Bug]:
             and b.kernel() is not None]  # fmt: skip
 
 
-def ring_suspects() -> list[Bug]:
-    """The forward entries a --ring diagnosis may match: not held out, of the ring contract."""
-    return [b for b in CATALOG if not b.held_out and b.kind == "forward" and b.contract == "ring"]
-
-
 def grad_suspects(contract: str, config: dict | None = None) -> list[Bug]:
     """The backward entries the gradient diagnosis may match: not held out, for this contract."""
     return [b for b in CATALOG if not b.held_out and b.kind == "backward" and b.contract == contract

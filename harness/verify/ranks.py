@@ -60,9 +60,6 @@ class Ranks(Impl):
     def alive(self) -> bool:
         return bool(self.workers) and all(w.proc is not None for w in self.workers)
 
-    def world(self) -> int:
-        return len(self.workers)
-
     def rank_device(self, rank: int) -> str:
         if str(self.device).startswith("cuda"):
             return f"cuda:{rank % max(1, torch.cuda.device_count())}"
@@ -75,7 +72,7 @@ class Ranks(Impl):
         self.reset()
         self._tmp = tempfile.TemporaryDirectory(prefix="attn-ring-")
         self.store = str(Path(self._tmp.name) / "store")
-        serve = serving(_contract(self.contract)).partition(":")[0]
+        serve = serving(contracts.get(self.contract)).partition(":")[0]
         self.workers = [Worker(self.code, self.contract, self.rank_device(r), serve) for r in range(W)]
         for w in self.workers:
             w.launch()
@@ -191,10 +188,6 @@ ECHOES = ("connection reset by peer", "connection closed by peer", "read error",
 def echo(f: Fault) -> bool:
     """A rank's fault that reads as a peer's failure seen from here (the process group's transport broke)."""
     return f.stage == "crash" and "raised" in f.message and any(e in f.message.lower() for e in ECHOES)
-
-
-def _contract(name: str):
-    return contracts.get(name)
 
 
 def make(spec: str, fn, contract: str, device: str = "cpu") -> Ranks:
